@@ -1,0 +1,20 @@
+"""okd: online knowledge distillation on CIFAR, configured by one YAML file."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .models import BACKBONES, create_model  # noqa: E402
+from .methods import METHODS  # noqa: E402
+
+
+def load_model(path, map_location="cpu"):
+    """The deployable network stored in an okd checkpoint (``best.pt`` or ``last.pt``), in eval mode."""
+    from . import checkpoint
+
+    blob = checkpoint.load(path, map_location)
+    model = create_model(blob["model_name"], blob["num_classes"])
+    model.load_state_dict(blob["deploy"])
+    return model.eval()
+
+
+__all__ = ["BACKBONES", "METHODS", "create_model", "load_model", "__version__"]

@@ -1,0 +1,203 @@
+"""Command line: ``python main.py`` / ``okd-train``.
+
+Run directories are resumable by rerunning the same command (DINO style): if
+``<output.root>/<run_name>/last.pt`` exists the run continues from it, a
+finished run is not retrained, and an existing run is only replaced with
+``--overwrite`` (which moves it aside, never deletes it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import yaml
+
+from . import checkpoint
+from .config import Config, dump_yaml, load_config, method_options
+from .data import load_dataset
+from .errors import CheckpointError, ConfigError, DataError, OkdError
+from .logger import RunLogger
+from .methods import build_method
+from .models import backbone_spec
+from .trainer import Trainer
+
+# Keys that may change when a run is continued: they do not alter what is computed.
+RESUMABLE_KEYS = {"train.epochs", "device", "train.log_every", "train.eval_every", "train.eval_batch_size",
+                  "train.threads", "data.root", "data.cache_dir", "data.download", "output.root"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="okd-train",
+        description="Train an online knowledge distillation method from a YAML config.",
+        epilog="Overrides: dotted key=value pairs, e.g. train.epochs=2 model.name=vgg16 method.temperature=4",
+    )
+    p.add_argument("--config", "--config_path", dest="config", help="experiment YAML (default: built-in defaults)")
+    p.add_argument("--model", help="backbone, same as model.name=...")
+    p.add_argument("--method", help="method, same as method.name=...")
+    p.add_argument("--save_dir", "--save-dir", dest="save_dir", help="run name under output.root (output.run_name)")
+    p.add_argument("--seed", type=int, help="same as seed=...")
+    p.add_argument("--data-root", "--data_root", dest="data_root", help="dataset folder (data.root; else $OKD_DATA)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--resume", metavar="PATH", help="continue from this checkpoint instead of the run's last.pt")
+    p.add_argument("--overwrite", action="store_true", help="move an existing run directory aside and start over")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def flag_overrides(args) -> List[str]:
+    out = []
+    for flag, key in (("model", "model.name"), ("method", "method.name"), ("save_dir", "output.run_name"),
+                      ("seed", "seed"), ("data_root", "data.root"), ("device", "device")):
+        value = getattr(args, flag)
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out
+
+
+def flatten(tree: Dict, prefix: str = "") -> Dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_differences(old: Dict, new: Dict) -> List[str]:
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device '{name}' requested but CUDA is not available here; use device=cpu or auto")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device '{name}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return torch.device(name)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def prepare_run_dir(cfg: Config, overwrite: bool) -> Optional[Path]:
+    """Check the run directory; returns the last.pt to resume from, if any."""
+    run_dir = cfg.run_dir
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    if overwrite:
+        aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        print(f"okd: moved the existing run to '{aside}' (--overwrite)")
+        return None
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise OkdError(f"'{run_dir}' exists and is not an okd run; choose another --save_dir or pass --overwrite")
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except yaml.YAMLError:
+        raise OkdError(f"'{saved}' is unreadable; choose another --save_dir or pass --overwrite") from None
+    diffs = config_differences(old or {}, cfg.to_dict())
+    if diffs:
+        shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        raise OkdError(f"run directory '{run_dir}' holds a different experiment ({shown}); "
+                       f"use another --save_dir or pass --overwrite")
+    last = run_dir / "last.pt"
+    return last if last.exists() else None
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, flag_overrides(args) + list(args.overrides))
+    options = method_options(cfg)
+    device = resolve_device(cfg.device)
+    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    if args.resume and not Path(args.resume).is_file():
+        raise CheckpointError(f"--resume checkpoint '{args.resume}' does not exist")
+
+    dataset = load_dataset(cfg.data)
+    if cfg.model.num_classes is not None and cfg.model.num_classes != dataset.num_classes:
+        raise DataError(f"model.num_classes is {cfg.model.num_classes} but dataset '{cfg.data.name}' has "
+                        f"{dataset.num_classes} classes; set model.num_classes={dataset.num_classes} or null")
+    if cfg.train.batch_size > len(dataset.train):
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} exceeds the {len(dataset.train)} training images")
+
+    resume_from = Path(args.resume) if args.resume else prepare_run_dir(cfg, args.overwrite)
+    state = checkpoint.load(resume_from) if resume_from else None
+
+    torch.manual_seed(cfg.seed)  # the seed alone fixes the initial weights
+    method = build_method(cfg.method["name"], backbone_spec(cfg.model.name, dataset.num_classes),
+                          dataset.num_classes, options).to(device)
+
+    run_dir = cfg.run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    except OSError as exc:
+        raise OkdError(f"cannot write the run directory '{run_dir}' ({exc.strerror}); set output.root to a writable folder") from None
+    log = RunLogger(run_dir, state["epoch"] if state else 0)
+    try:
+        trainer = Trainer(cfg, method, dataset, device, log)
+        if state is not None:
+            trainer.load_state_dict(state, resume_from)
+        log.info(f"command: {shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])}")
+        log.info(f"okd run '{run_dir}' | git {git_commit()} | torch {torch.__version__} | python "
+                 f"{platform.python_version()} | device {device} | threads {torch.get_num_threads()}")
+        log.info(f"data {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images, "
+                 f"{dataset.num_classes} classes | model {cfg.model.name} | method {cfg.method['name']} | "
+                 f"trainable parameters {sum(p.numel() for p in method.trainable_parameters()):,}")
+        if state is not None:
+            log.info(f"resumed from '{resume_from}' at epoch {trainer.epoch}, step {trainer.global_step}")
+        if trainer.epoch >= cfg.train.epochs:
+            log.info(f"run already finished ({trainer.epoch}/{cfg.train.epochs} epochs); "
+                     f"raise train.epochs to continue or pass --overwrite to start over")
+        else:
+            trainer.fit(save_last=lambda t: checkpoint.save_atomic(
+                            {**t.state_dict(), "deploy": t.method.deployable_state_dict()}, run_dir / "last.pt"),
+                        save_best=lambda t: checkpoint.save_atomic(best_payload(t), run_dir / "best.pt"))
+        if trainer.last:
+            log.info(trainer.summary_line())
+    finally:
+        log.close()
+    return 0
+
+
+def best_payload(trainer: Trainer) -> Dict:
+    state = trainer.state_dict()
+    keep = ("epoch", "global_step", "method_name", "model_name", "num_classes", "best", "last", "config")
+    return {**{k: state[k] for k in keep}, "deploy": trainer.method.deployable_state_dict()}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except OkdError as exc:
+        print(f"okd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("okd: interrupted; rerun the same command to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

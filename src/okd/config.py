@@ -1,0 +1,293 @@
+"""Experiment configuration: defaults in code, a short YAML on top, dotted overrides last.
+
+One YAML file is the single source of truth of an experiment. Every key has a
+default here; an experiment file only states what differs. ``base: other.yml``
+inherits another file (paths relative to the including file). The ``method``
+section's schema depends on ``method.name``: each method registers an options
+dataclass (see ``okd.methods``), so its defaults also live next to its code.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from .errors import ConfigError
+from .registry import closest
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar100"  # cifar10 | cifar100 | imagefolder | digits
+    root: Optional[str] = None  # null: $OKD_DATA, else ./data
+    download: bool = False  # try torchvision's downloader when CIFAR is missing
+    mean: Optional[List[float]] = None  # null: the dataset's standard constants
+    std: Optional[List[float]] = None
+    pad: int = 4  # zero padding of RandomCrop(32, padding=pad)
+    flip: bool = True  # horizontal flip with p=0.5
+    cache_dir: Optional[str] = None  # decoded-ImageFolder cache; null: beside the data or ~/.cache/okd
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet32"
+    num_classes: Optional[int] = None  # null: taken from the data
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "multistep"  # multistep | cosine | constant (stepped once per epoch)
+    milestones: List[int] = field(default_factory=lambda: [150, 225])
+    gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    batch_size: int = 128
+    eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    eval_batch_size: int = 500
+    log_every: int = 50  # steps between plain progress lines when not on a terminal
+    threads: int = 0  # CPU threads for torch; 0 = all cores
+
+
+@dataclass
+class OutputConfig:
+    root: str = "runs"
+    run_name: Optional[str] = None  # null: <dataset>_<model>_<method>_seed<seed>
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Dict[str, Any] = field(default_factory=lambda: {"name": "pcl"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def run_name(self) -> str:
+        if self.output.run_name:
+            return self.output.run_name
+        return f"{self.data.name}_{self.model.name}_{self.method['name']}_seed{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.root) / self.run_name
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading
+
+def _read_yaml(path: Path, seen: tuple = ()) -> Dict[str, Any]:
+    if path.resolve() in seen:
+        raise ConfigError(f"config '{path}' includes itself through 'base'")
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"YAML syntax error in '{path}'{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config '{path}' must be a mapping of keys, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = _read_yaml(path.parent / str(base), seen + (path.resolve(),))
+    return deep_merge(parent, data)
+
+
+def deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple:
+    """'train.epochs=2' -> (['train', 'epochs'], 2); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value (e.g. train.epochs=2)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(tree: Dict[str, Any], dotted: List[str], value: Any) -> None:
+    node = tree
+    for part in dotted[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{'.'.join(dotted)}': '{part}' is not a section")
+        node = nxt
+    node[dotted[-1]] = value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    tree: Dict[str, Any] = _read_yaml(Path(path)) if path else {}
+    for text in overrides or []:
+        apply_override(tree, *parse_override(text))
+    return config_from_dict(tree)
+
+
+# ---------------------------------------------------------------- validation
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _describe(inner[0]) + " or null"
+    if origin in (list, List):
+        return f"a list of {_describe(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def coerce(value: Any, tp, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return coerce(value, inner[0], key)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be {_describe(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {_describe(tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def build_dataclass(cls, values: Dict[str, Any], prefix: str):
+    """Instantiate ``cls`` from ``values``, naming unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a section (mapping), got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'{closest(key, names)}; "
+                f"valid keys in '{prefix.rstrip('.') or 'top level'}': {', '.join(names)}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build_dataclass(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def config_from_dict(tree: Dict[str, Any]) -> Config:
+    from .methods import METHODS  # the method registry owns each method's option schema
+
+    tree = dict(tree)
+    method_tree = tree.pop("method", None) or {}
+    if not isinstance(method_tree, dict):
+        raise ConfigError(f"config key 'method' must be a section (mapping), got {method_tree!r}")
+    cfg = build_dataclass(Config, tree, "")
+    method_tree = dict(method_tree)
+    name = method_tree.pop("name", "pcl")
+    method_cls = METHODS.get(coerce(name, str, "method.name"))
+    options = build_dataclass(method_cls.Options, method_tree, "method.")
+    cfg.method = {"name": METHODS.canonical(name), **dataclasses.asdict(options)}
+    validate(cfg)
+    return cfg
+
+
+def method_options(cfg: Config):
+    """The chosen method's options dataclass, rebuilt from the resolved config."""
+    from .methods import METHODS
+
+    opts = {k: v for k, v in cfg.method.items() if k != "name"}
+    return build_dataclass(METHODS.get(cfg.method["name"]).Options, opts, "method.")
+
+
+def _positive(value, key):
+    if value <= 0:
+        raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that the type system cannot express."""
+    from .data import DATASETS
+    from .models import BACKBONES
+
+    DATASETS.canonical(cfg.data.name)
+    cfg.model.name = BACKBONES.canonical(cfg.model.name)
+    _positive(cfg.optim.lr, "optim.lr")
+    _positive(cfg.train.epochs, "train.epochs")
+    _positive(cfg.train.batch_size, "train.batch_size")
+    _positive(cfg.train.eval_every, "train.eval_every")
+    _positive(cfg.train.eval_batch_size, "train.eval_batch_size")
+    if cfg.optim.weight_decay < 0:
+        raise ConfigError(f"config key 'optim.weight_decay' must be >= 0, got {cfg.optim.weight_decay}")
+    if cfg.schedule.name not in ("multistep", "cosine", "constant"):
+        raise ConfigError(
+            f"config key 'schedule.name' must be multistep, cosine or constant, got "
+            f"'{cfg.schedule.name}'{closest(cfg.schedule.name, ['multistep', 'cosine', 'constant'])}"
+        )
+    if sorted(cfg.schedule.milestones) != cfg.schedule.milestones:
+        raise ConfigError(f"config key 'schedule.milestones' must be increasing, got {cfg.schedule.milestones}")
+    if cfg.data.pad < 0:
+        raise ConfigError(f"config key 'data.pad' must be >= 0, got {cfg.data.pad}")
+    for key in ("mean", "std"):
+        value = getattr(cfg.data, key)
+        if value is not None and len(value) != 3:
+            raise ConfigError(f"config key 'data.{key}' must list 3 channel values, got {value}")
+    if cfg.model.num_classes is not None:
+        _positive(cfg.model.num_classes, "model.num_classes")
+    dev = cfg.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got '{dev}'")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)

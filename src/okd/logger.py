@@ -1,0 +1,117 @@
+"""Run outputs: plain-text log, JSON-lines metrics, TensorBoard scalars, progress.
+
+All scalars go through ``RunLogger`` under stable names: ``train/loss/<term>``,
+``train/lr``, ``val/acc/<model>`` (top-1), ``val/acc5/<model>`` (top-5) and
+``val/summary/<key>``. The TensorBoard step and the JSON ``epoch`` field are
+the number of completed epochs (1-based).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+
+def text_logger(log_file: Path) -> logging.Logger:
+    logger = logging.getLogger(f"okd.run.{log_file}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    fh = logging.FileHandler(log_file)
+    fh.setFormatter(fmt)
+    sh = logging.StreamHandler(sys.stdout)
+    sh.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(fh)
+    logger.addHandler(sh)
+    return logger
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, resume_epoch: int):
+        self.run_dir = Path(run_dir)
+        self.text = text_logger(self.run_dir / "log.txt")
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._truncate_metrics(resume_epoch)
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events a killed run wrote after its last checkpoint
+        self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_epoch + 1 if resume_epoch else None)
+
+    def _truncate_metrics(self, resume_epoch: int) -> None:
+        """Keep only records of epochs covered by the checkpoint we resume from."""
+        if not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line)["epoch"] <= resume_epoch:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        self.metrics_path.write_text("".join(k + "\n" for k in kept))
+
+    def info(self, msg: str) -> None:
+        self.text.info(msg)
+
+    def epoch_record(self, record: Dict) -> None:
+        epoch = record["epoch"]
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        for term, value in record.get("train", {}).get("loss", {}).items():
+            self.tb.add_scalar(f"train/loss/{term}", value, epoch)
+        if "lr" in record:
+            self.tb.add_scalar("train/lr", record["lr"], epoch)
+        if "img_per_s" in record.get("train", {}):
+            self.tb.add_scalar("train/img_per_s", record["train"]["img_per_s"], epoch)
+        for kind, tag in (("top1", "acc"), ("top5", "acc5")):
+            for model, value in record.get("val", {}).get(kind, {}).items():
+                self.tb.add_scalar(f"val/{tag}/{model}", value, epoch)
+        for key, value in record.get("summary", {}).items():
+            self.tb.add_scalar(f"val/summary/{key}", value["last"], epoch)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+        for h in list(self.text.handlers):
+            self.text.removeHandler(h)
+            h.close()
+
+
+class Progress:
+    """tqdm on a terminal; otherwise a plain line every ``every`` steps."""
+
+    def __init__(self, total: int, desc: str, every: int, log: RunLogger):
+        self.total, self.desc, self.every, self.log = total, desc, max(1, every), log
+        self.bar = None
+        self.count = 0
+        self.start = time.perf_counter()
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self, images: int, loss: Optional[float] = None) -> None:
+        self.count += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.3f}")
+        elif self.count % self.every == 0 or self.count == self.total:
+            rate = images / max(time.perf_counter() - self.start, 1e-9)
+            extra = f" loss {loss:.4f}" if loss is not None else ""
+            self.log.info(f"{self.desc} step {self.count}/{self.total}{extra} {rate:.1f} img/s")
+
+    def wants_loss(self) -> bool:
+        """Whether the next update prints a loss (reading it costs a device sync)."""
+        nxt = self.count + 1
+        return nxt % self.every == 0 or nxt == self.total
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,62 @@
+"""The interface every online-distillation method implements.
+
+A method owns all of its networks (students, teachers, temporal means) as one
+``nn.Module``; the trainer only sees this interface (mdistiller style):
+
+* ``num_views``: how many independently augmented views of each batch it wants;
+* ``forward_train(views, labels, epoch)`` -> (total loss, {term name: value});
+* ``after_step(step)``: bookkeeping after each optimizer step (e.g. EMA);
+* ``evaluate_logits(images)`` -> {model name: logits} for every model it can test;
+* ``summary_metrics(acc)`` -> the labelled headline numbers, the first of which
+  selects the ``best`` checkpoint;
+* ``deployable_state_dict()``: the reported model, loadable into
+  ``okd.create_model(backbone, num_classes)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from ..models import BackboneSpec
+
+
+@dataclass(frozen=True)
+class Summary:
+    key: str  # stable name used in metrics files and TensorBoard
+    label: str  # what a human reads in logs
+    value: float
+
+
+class Method(nn.Module):
+    @dataclass
+    class Options:
+        pass
+
+    num_views: int = 1
+
+    def __init__(self, spec: BackboneSpec, num_classes: int, options):
+        super().__init__()
+        self.options = options
+        self.num_classes = num_classes
+
+    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int
+                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after optimizer step ``step`` (0-based global index)."""
+
+    def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
+        raise NotImplementedError
+
+    def deployable_state_dict(self) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]

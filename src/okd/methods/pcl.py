@@ -1,0 +1,116 @@
+"""PCL: Peer Collaborative Learning (Wu & Gong, AAAI 2021), spec section 9.
+
+m peers share a trunk; peer j sees its own augmented view x^j. A peer-ensemble
+teacher z_e = FC_e(concat(f_1..f_m)) is trained by cross-entropy only (its
+features are not detached, so that CE also trains trunk and branches). A
+temporal mean of the whole network provides the peer mean teachers z'_l
+(EMA trunk + EMA branch l on x^l). With teachers detached:
+
+  L = CE(z_e, y) + sum_j [ CE(z_j, y) + w(e) KD_T(z_j <- z_e)
+                           + w(e) / (m-1) sum_{l != j} KD_T(z_j <- z'_l) ]
+
+BatchNorm of the temporal mean: only parameters are averaged; the temporal
+mean is forwarded in train mode on every batch (mean-teacher style), so its
+running statistics are its own (``ema_buffers: own``; see ``okd.ema``).
+
+Reported model: temporal-mean peer 1 on clean test images (the paper's
+protocol); the best temporal-mean peer (the seed reproduction's) is reported
+beside it, labelled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ema import BUFFER_POLICIES, ModelEMA
+from ..errors import ConfigError
+from ..losses import kd_loss, sigmoid_rampup
+from ..models import MultiBranchNet
+from . import METHODS
+from .base import Method, Summary
+
+
+class PCLNet(nn.Module):
+    """Multi-branch peers plus the peer-ensemble classifier: the part the EMA copies."""
+
+    def __init__(self, spec, num_classes: int, num_peers: int):
+        super().__init__()
+        self.peers = MultiBranchNet(spec, num_peers)
+        self.ensemble_fc = nn.Linear(num_peers * spec.feature_dim, num_classes)
+
+
+@METHODS.register("pcl")
+class PCL(Method):
+    @dataclass
+    class Options:
+        num_peers: int = 3
+        temperature: float = 3.0
+        rampup_epochs: int = 80  # R of the sigmoid ramp-up applied to both KD terms
+        ema_decay: float = 0.999  # cap of the temporal-mean decay min(1 - 1/(t+1), cap)
+        ema_buffers: str = "own"  # own: EMA keeps its own BN statistics; copy: copy student's
+
+    def __init__(self, spec, num_classes: int, options: "PCL.Options"):
+        super().__init__(spec, num_classes, options)
+        if options.num_peers < 2:
+            raise ConfigError(f"config key 'method.num_peers' must be >= 2 for pcl, got {options.num_peers}")
+        if options.temperature <= 0:
+            raise ConfigError(f"config key 'method.temperature' must be > 0, got {options.temperature}")
+        if not 0.0 <= options.ema_decay < 1.0:
+            raise ConfigError(f"config key 'method.ema_decay' must be in [0, 1), got {options.ema_decay}")
+        if options.ema_buffers not in BUFFER_POLICIES:
+            raise ConfigError(f"config key 'method.ema_buffers' must be own or copy, got '{options.ema_buffers}'")
+        self.num_views = options.num_peers
+        self.net = PCLNet(spec, num_classes, options.num_peers)
+        self.mean = ModelEMA(self.net, options.ema_decay, options.ema_buffers)
+
+    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
+        opt = self.options
+        m, T = opt.num_peers, opt.temperature
+        feats, logits = self.net.peers.forward_views(views)
+        ensemble_logits = self.net.ensemble_fc(torch.cat(feats, dim=1))
+        with torch.no_grad():
+            mean_logits = [self.mean.module.peers.forward_branch(views[l], l)[1] for l in range(m)]
+        teacher = ensemble_logits.detach()
+
+        ce_ensemble = F.cross_entropy(ensemble_logits, labels)
+        ce_peers = sum(F.cross_entropy(z, labels) for z in logits)
+        kd_ensemble = sum(kd_loss(z, teacher, T) for z in logits)
+        kd_mean = sum(
+            kd_loss(logits[j], mean_logits[l], T) for j in range(m) for l in range(m) if l != j
+        ) / (m - 1)
+        weight = sigmoid_rampup(epoch, opt.rampup_epochs)
+        loss = ce_ensemble + ce_peers + weight * (kd_ensemble + kd_mean)
+        terms = {
+            "ce_ensemble": ce_ensemble.detach(),
+            "ce_peers": ce_peers.detach(),
+            "kd_ensemble": kd_ensemble.detach(),
+            "kd_mean": kd_mean.detach(),
+        }
+        return loss, terms
+
+    def after_step(self, step: int) -> None:
+        self.mean.update(self.net, step)
+
+    @torch.no_grad()
+    def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        out = {}
+        for prefix, net in (("", self.net), ("mean_", self.mean.module)):
+            feats, logits = net.peers(images)
+            for j, z in enumerate(logits):
+                out[f"{prefix}peer{j + 1}"] = z
+            out[f"{prefix}ensemble"] = net.ensemble_fc(torch.cat(feats, dim=1))
+        return out
+
+    def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
+        mean_peers = [acc[f"mean_peer{j + 1}"] for j in range(self.options.num_peers)]
+        return [
+            Summary("reported", "temporal-mean peer 1 (paper protocol)", acc["mean_peer1"]),
+            Summary("best_mean_peer", "best temporal-mean peer (seed protocol)", max(mean_peers)),
+        ]
+
+    def deployable_state_dict(self):
+        return self.mean.module.peers.single_state_dict(0)

@@ -1,0 +1,82 @@
+"""Backbones as a shared trunk plus independent branches.
+
+Every backbone is described by a ``BackboneSpec``: a factory for the shared
+trunk, a factory for one branch (last stage + pooling + classifier) and the
+branch's feature width. Methods with several branches call the branch factory
+once per branch, so each branch gets its own, independently drawn weights;
+independent-network methods build trunk+branch several times. A backbone is
+therefore written once, and the split point of spec section 2 lives only here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+class Branch(nn.Module):
+    """Per-branch part: ``body`` maps trunk output to a feature vector, ``fc`` to logits."""
+
+    def __init__(self, body: nn.Module, fc: nn.Linear):
+        super().__init__()
+        self.body = body
+        self.fc = fc
+
+    def forward(self, trunk_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        feature = self.body(trunk_out)
+        return feature, self.fc(feature)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    make_trunk: Callable[[], nn.Module]
+    make_branch: Callable[[], Branch]
+    feature_dim: int
+
+
+class SingleNet(nn.Module):
+    """The deployable network: trunk followed by one branch, returning logits."""
+
+    def __init__(self, trunk: nn.Module, branch: Branch):
+        super().__init__()
+        self.trunk = trunk
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch(self.trunk(x))[1]
+
+
+class MultiBranchNet(nn.Module):
+    """A shared trunk with ``num_branches`` independently initialised branches."""
+
+    def __init__(self, spec: BackboneSpec, num_branches: int):
+        super().__init__()
+        self.trunk = spec.make_trunk()
+        self.branches = nn.ModuleList([spec.make_branch() for _ in range(num_branches)])
+        self.feature_dim = spec.feature_dim
+
+    def forward_views(self, views: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Branch j sees view j; the trunk runs once per view (per-view BatchNorm statistics)."""
+        feats, logits = [], []
+        for branch, view in zip(self.branches, views):
+            f, z = branch(self.trunk(view))
+            feats.append(f)
+            logits.append(z)
+        return feats, logits
+
+    def forward_branch(self, x: torch.Tensor, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.branches[index](self.trunk(x))
+
+    def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Clean input: the trunk once, then every branch."""
+        shared = self.trunk(x)
+        outs = [branch(shared) for branch in self.branches]
+        return [f for f, _ in outs], [z for _, z in outs]
+
+    def single_state_dict(self, index: int) -> dict:
+        """Weights of trunk + branch ``index`` in ``SingleNet``'s key layout."""
+        state = {f"trunk.{k}": v for k, v in self.trunk.state_dict().items()}
+        state.update({f"branch.{k}": v for k, v in self.branches[index].state_dict().items()})
+        return state

@@ -1,0 +1,59 @@
+"""VGG-16 for CIFAR as in OKDDip's ``model_cifar/vgg.py`` (spec section 2).
+
+13 conv(bias)+BN+ReLU layers, 3-layer classifier. The trunk ends after the
+first 10 convs (512x2x2); a branch is the last 3 convs, the final max-pool and
+the classifier. Dropout defaults to 0.0, as in the PCL reproduction.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .branched import BackboneSpec, Branch
+from .registry import BACKBONES
+
+TRUNK_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M"]
+BRANCH_CFG = [512, 512, 512, "M"]
+
+
+def conv_layers(cfg, cin):
+    layers = []
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(cin, v, 3, padding=1, bias=True), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+            cin = v
+    return layers
+
+
+def init_weights(module):
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+@BACKBONES.register("vgg16")
+def vgg16_spec(num_classes: int, dropout: float = 0.0) -> BackboneSpec:
+    def make_trunk():
+        trunk = nn.Sequential(*conv_layers(TRUNK_CFG, 3))
+        init_weights(trunk)
+        return trunk
+
+    def make_branch():
+        body = nn.Sequential(
+            *conv_layers(BRANCH_CFG, 512), nn.Flatten(),
+            nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        )
+        branch = Branch(body, nn.Linear(512, num_classes))
+        init_weights(branch)
+        return branch
+
+    return BackboneSpec(make_trunk, make_branch, 512)
