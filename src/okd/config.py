@@ -31,6 +31,8 @@ class DataConfig:
     pad: int = 4  # zero padding of RandomCrop(32, padding=pad)
     flip: bool = True  # horizontal flip with p=0.5
     cache_dir: Optional[str] = None  # decoded-ImageFolder cache; null: beside the data or ~/.cache/okd
+    train_subset: Optional[int] = None  # use a fixed random subset of this many training images (null: all)
+    test_subset: Optional[int] = None  # same for the test split
 
 
 @dataclass
@@ -282,6 +284,10 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.data, key)
         if value is not None and len(value) != 3:
             raise ConfigError(f"config key 'data.{key}' must list 3 channel values, got {value}")
+    for key in ("train_subset", "test_subset"):
+        value = getattr(cfg.data, key)
+        if value is not None:
+            _positive(value, f"data.{key}")
     if cfg.model.num_classes is not None:
         _positive(cfg.model.num_classes, "model.num_classes")
     dev = cfg.device

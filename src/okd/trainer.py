@@ -152,7 +152,7 @@ class Trainer:
             total += loss.detach() * count
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0) + value.detach().float() * count
-            progress.update(min((b + 1) * bs, n), float(loss) if progress.wants_loss() else None)
+            progress.update(min((b + 1) * bs, n), float(loss.detach()) if progress.wants_loss() else None)
         progress.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -1,0 +1,152 @@
+"""PCL's loss (spec section 9) against an independent few-line formula, and its gradient paths."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from okd.methods.pcl import PCL
+from okd.models import backbone_spec
+
+
+def make_pcl(num_peers=3, classes=5, **kw):
+    torch.manual_seed(0)
+    opts = PCL.Options(num_peers=num_peers, **kw)
+    return PCL(backbone_spec("resnet8_tiny", classes), classes, opts)
+
+
+def softmax_kl(student, teacher, T):
+    """T^2 * mean_i sum_c p_t log(p_t / p_s), written out without okd's helpers."""
+    p_t = torch.exp(teacher / T) / torch.exp(teacher / T).sum(1, keepdim=True)
+    p_s = torch.exp(student / T) / torch.exp(student / T).sum(1, keepdim=True)
+    return T * T * (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+
+
+def independent_loss(method, views, labels, epoch, R=80, T=3.0):
+    """Re-derive L from the networks' raw outputs (spec section 9)."""
+    m = len(views)
+    peers, mean_peers = method.net.peers, method.mean.module.peers
+    feats, logits = [], []
+    for j in range(m):
+        f, z = peers.branches[j](peers.trunk(views[j]))
+        feats.append(f)
+        logits.append(z)
+    z_e = method.net.ensemble_fc(torch.cat(feats, 1))
+    with torch.no_grad():
+        z_mean = [mean_peers.branches[l](mean_peers.trunk(views[l]))[1] for l in range(m)]
+    w = math.exp(-5 * (1 - min(epoch, R) / R) ** 2)
+    loss = F.cross_entropy(z_e, labels)
+    for j in range(m):
+        loss = loss + F.cross_entropy(logits[j], labels)
+        loss = loss + w * softmax_kl(logits[j], z_e.detach(), T)
+        loss = loss + w / (m - 1) * sum(softmax_kl(logits[j], z_mean[l], T) for l in range(m) if l != j)
+    return loss
+
+
+@pytest.mark.parametrize("epoch", [0, 40, 80])
+def test_loss_matches_independent_formula(epoch):
+    method = make_pcl().train()
+    torch.manual_seed(1)
+    views = [torch.randn(6, 3, 32, 32) for _ in range(3)]
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    # perturb the temporal mean so mean teachers differ from the peers
+    with torch.no_grad():
+        for p in method.mean.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    loss, terms = method.forward_train(views, labels, epoch)
+    method.load_state_dict(state)  # undo BN running-stat updates before the second pass
+    expected = independent_loss(method, views, labels, epoch)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert set(terms) == {"ce_ensemble", "ce_peers", "kd_ensemble", "kd_mean"}
+    w = math.exp(-5 * (1 - min(epoch, 80) / 80) ** 2)
+    recombined = terms["ce_ensemble"] + terms["ce_peers"] + w * (terms["kd_ensemble"] + terms["kd_mean"])
+    assert loss.item() == pytest.approx(recombined.item(), rel=1e-6)
+
+
+def test_two_peers_and_temperature_option():
+    method = make_pcl(num_peers=2, temperature=2.0, rampup_epochs=10).train()
+    assert method.num_views == 2
+    views = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    labels = torch.tensor([0, 1, 2, 3])
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    loss, _ = method.forward_train(views, labels, 3)
+    method.load_state_dict(state)
+    assert loss.item() == pytest.approx(independent_loss(method, views, labels, 3, R=10, T=2.0).item(), rel=1e-5)
+
+
+def test_ensemble_classifier_gets_gradient_only_from_its_ce():
+    method = make_pcl().train()
+    views = [torch.randn(5, 3, 32, 32) for _ in range(3)]
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    loss, _ = method.forward_train(views, labels, 80)  # full KD weight
+    loss.backward()
+    grad_full = method.net.ensemble_fc.weight.grad.clone()
+    method.zero_grad()
+    method.load_state_dict(state)
+    feats, _ = method.net.peers.forward_views(views)
+    F.cross_entropy(method.net.ensemble_fc(torch.cat(feats, 1)), labels).backward()
+    assert torch.allclose(grad_full, method.net.ensemble_fc.weight.grad, atol=1e-6)
+
+
+def test_temporal_mean_receives_no_gradient_and_is_not_trained():
+    method = make_pcl().train()
+    views = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    loss, _ = method.forward_train(views, torch.tensor([0, 1, 2, 3]), 80)
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in method.mean.parameters())
+    trainable = {id(p) for p in method.trainable_parameters()}
+    assert not any(id(p) in trainable for p in method.mean.parameters())
+    assert trainable == {id(p) for p in method.net.parameters()}
+
+
+def test_peer_features_are_not_detached_for_ensemble_ce():
+    method = make_pcl().train()
+    views = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    labels = torch.tensor([0, 1, 2, 3])
+    feats, _ = method.net.peers.forward_views(views)
+    F.cross_entropy(method.net.ensemble_fc(torch.cat(feats, 1)), labels).backward()
+    assert method.net.peers.trunk[0].weight.grad.abs().sum() > 0
+    assert all(b.body[0][0].conv1.weight.grad.abs().sum() > 0 for b in method.net.peers.branches)
+
+
+def test_after_step_updates_temporal_mean():
+    method = make_pcl()
+    with torch.no_grad():
+        for p in method.net.parameters():
+            p.add_(1.0)
+    method.after_step(0)  # alpha_0 = 0: copy
+    for p, q in zip(method.net.parameters(), method.mean.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_temporal_mean_batchnorm_statistics_are_its_own():
+    """EMA runs in train mode on view l through trunk + branch l: its BN stats follow its own weights."""
+    method = make_pcl().train()
+    with torch.no_grad():
+        for p in method.mean.parameters():
+            p.mul_(1.5)
+    views = [torch.randn(4, 3, 32, 32) + v for v in range(3)]
+    method.forward_train(views, torch.tensor([0, 1, 2, 3]), 0)
+    stem_conv = method.mean.module.peers.trunk[0]
+    bn = method.mean.module.peers.trunk[1]
+    expected = torch.zeros(bn.num_features)
+    with torch.no_grad():
+        for v in views:  # three sequential momentum-0.1 updates, one per view
+            expected = 0.9 * expected + 0.1 * F.conv2d(v, stem_conv.weight, padding=1).mean(dim=(0, 2, 3))
+    assert torch.allclose(bn.running_mean, expected, atol=1e-5)
+    assert bn.num_batches_tracked.item() == 3
+    student_bn = method.net.peers.trunk[1]
+    assert not torch.allclose(student_bn.running_mean, bn.running_mean)
+
+
+def test_evaluate_logits_and_summary():
+    method = make_pcl().eval()
+    out = method.evaluate_logits(torch.randn(3, 3, 32, 32))
+    assert set(out) == {"peer1", "peer2", "peer3", "ensemble", "mean_peer1", "mean_peer2", "mean_peer3",
+                        "mean_ensemble"}
+    summary = method.summary_metrics({"mean_peer1": 70.0, "mean_peer2": 75.0, "mean_peer3": 72.0})
+    assert [s.key for s in summary] == ["reported", "best_mean_peer"]
+    assert summary[0].value == 70.0 and "paper" in summary[0].label
+    assert summary[1].value == 75.0 and "seed" in summary[1].label
