@@ -127,7 +127,8 @@ def prepare_run_dir(cfg: Config, overwrite: bool) -> Optional[Path]:
 
 
 def run(args) -> int:
-    cfg = load_config(args.config, flag_overrides(args) + list(args.overrides))
+    # flags are applied after the dotted overrides: an explicit --model beats model.name=...
+    cfg = load_config(args.config, list(args.overrides) + flag_overrides(args))
     options = method_options(cfg)
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)

@@ -95,7 +95,7 @@ class Trainer:
             "last": self.last,
             "rng": rng,
             "config": self.cfg.to_dict(),
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
         }
 
     def load_state_dict(self, state: Dict, path) -> None:

@@ -1,0 +1,81 @@
+"""Config loading: defaults, inheritance, overrides, one-line errors naming the key."""
+import pytest
+
+from okd.config import load_config, method_options
+from okd.errors import ConfigError
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_are_paper_protocol():
+    cfg = load_config()
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (0.1, 0.9, True, 5e-4)
+    assert (cfg.train.epochs, cfg.train.batch_size) == (300, 128)
+    assert cfg.schedule.milestones == [150, 225] and cfg.schedule.gamma == 0.1
+    assert cfg.method == {"name": "pcl", "num_peers": 3, "temperature": 3.0, "rampup_epochs": 80,
+                          "ema_decay": 0.999, "ema_buffers": "own"}
+
+
+def test_repo_configs_load():
+    for name in ("cifar100", "cifar10", "cifar10_imagefolder", "quickstart"):
+        cfg = load_config(f"configs/{name}.yml")
+        assert cfg.method["name"] == "pcl"
+    assert load_config("configs/cifar10.yml").data.name == "cifar10"
+    assert load_config("configs/cifar10.yml").train.epochs == 300  # inherited from cifar100.yml
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    write(tmp_path, "parent.yml", "train:\n  epochs: 10\n  batch_size: 32\nmethod:\n  temperature: 4\n")
+    child = write(tmp_path, "child.yml", "base: parent.yml\ntrain:\n  epochs: 20\n")
+    cfg = load_config(child, ["train.batch_size=16", "model.name=vgg16", "method.ema_decay=0.99", "seed=3"])
+    assert cfg.train.epochs == 20 and cfg.train.batch_size == 16
+    assert cfg.model.name == "vgg16" and cfg.seed == 3
+    assert cfg.method["temperature"] == 4.0 and cfg.method["ema_decay"] == 0.99
+    assert method_options(cfg).temperature == 4.0
+
+
+def test_alias_resolves_to_canonical():
+    assert load_config(None, ["model.name=wide_resnet20_8"]).model.name == "wrn20_8"
+
+
+@pytest.mark.parametrize("yaml_text,override,fragment", [
+    ("train:\n  epoch: 3\n", [], "unknown config key 'train.epoch' (did you mean 'epochs'?)"),
+    ("trian:\n  epochs: 3\n", [], "unknown config key 'trian' (did you mean 'train'?)"),
+    ("method:\n  temprature: 3\n", [], "unknown config key 'method.temprature' (did you mean 'temperature'?)"),
+    ("train:\n  epochs: ten\n", [], "config key 'train.epochs' must be an integer, got 'ten'"),
+    ("optim:\n  nesterov: 1\n", [], "config key 'optim.nesterov' must be true/false"),
+    ("schedule:\n  milestones: 150\n", [], "config key 'schedule.milestones' must be a list"),
+    ("optim:\n  lr: -0.1\n", [], "config key 'optim.lr' must be > 0"),
+    ("train:\n  epochs: 0\n", [], "config key 'train.epochs' must be > 0"),
+    ("", ["model.name=resnet23"], "unknown model 'resnet23' (did you mean 'resnet32'?)"),
+    ("", ["method.name=pcll"], "unknown method 'pcll' (did you mean 'pcl'?)"),
+    ("", ["data.name=cifar1000"], "unknown dataset 'cifar1000'"),
+    ("", ["train.epochs"], "must look like key.sub=value"),
+    ("", ["device=gpu"], "config key 'device' must be auto, cpu, cuda or cuda:N"),
+    ("train: [1, 2\n", [], "YAML syntax error"),
+    ("- 1\n- 2\n", [], "must be a mapping"),
+    ("train: 5\n", [], "config key 'train' must be a section"),
+])
+def test_errors_name_the_key(tmp_path, yaml_text, override, fragment):
+    path = write(tmp_path, "bad.yml", yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, override)
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("does/not/exist.yml")
+
+
+def test_ints_accepted_for_floats_but_not_bools():
+    cfg = load_config(None, ["optim.lr=1"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    with pytest.raises(ConfigError):
+        load_config(None, ["optim.lr=true"])
