@@ -1,0 +1,61 @@
+"""Batched augmentation on uint8 tensors, on whatever device holds them.
+
+RandomCrop(32, padding=pad) with zero padding applied to the uint8 image (as
+torchvision does, i.e. before normalisation) and a horizontal flip with p=0.5,
+fused into one gather: no PIL, no per-image Python. Random draws come from a
+CPU generator seeded per epoch, so they are identical on every device and a
+resumed run redraws exactly what an uninterrupted run would.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from (run seed, epoch, stream...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
+    """Crop each padded image at ``offsets`` (N x 2: top, left) and mirror where ``flips``.
+
+    images: uint8 N x C x H x W. Returns uint8 N x C x H x W.
+    """
+    n, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
+    dev = images.device
+    offsets, flips = offsets.to(dev), flips.to(dev)
+    rows = offsets[:, 0:1] + torch.arange(h, device=dev)  # N x H
+    cols = torch.arange(w, device=dev).expand(n, w)
+    cols = torch.where(flips[:, None], (w - 1) - cols, cols) + offsets[:, 1:2]  # N x W
+    batch = torch.arange(n, device=dev)[:, None, None, None]
+    chan = torch.arange(c, device=dev)[None, :, None, None]
+    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class Normalizer:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device):
+        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32, device=device))).view(1, -1, 1, 1)
+        self.shift = (torch.tensor(mean, dtype=torch.float32, device=device) /
+                      torch.tensor(std, dtype=torch.float32, device=device)).view(1, -1, 1, 1)
+
+    def __call__(self, images_u8: torch.Tensor) -> torch.Tensor:
+        # (x/255 - mean)/std written as one multiply-add
+        return images_u8.float() * self.scale - self.shift
+
+
+class EpochDraws:
+    """Data order and per-view augmentation parameters of one epoch."""
+
+    def __init__(self, num_images: int, num_views: int, pad: int, flip: bool, seed: int, epoch: int):
+        gen = torch.Generator().manual_seed(derive_seed(seed, epoch, 0))
+        self.order = torch.randperm(num_images, generator=gen)
+        self.offsets = torch.randint(0, 2 * pad + 1, (num_views, num_images, 2), generator=gen)
+        if flip:
+            self.flips = torch.randint(0, 2, (num_views, num_images), generator=gen).bool()
+        else:
+            self.flips = torch.zeros(num_views, num_images, dtype=torch.bool)
