@@ -173,3 +173,13 @@ def test_user_errors_are_one_line_exit_2(tmp_path, case):
         assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
     else:
         assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_resume_flag_cannot_write_into_another_experiment(tmp_path, capsys):
+    assert main(args(tmp_path, "train.epochs=1", name="src")) == 0
+    assert main(args(tmp_path, "train.epochs=1", "optim.lr=0.3", name="other")) == 0
+    digest = tree_digest(tmp_path / "other")
+    capsys.readouterr()
+    code = main(args(tmp_path, "train.epochs=2", "--resume", str(tmp_path / "src" / "last.pt"), name="other"))
+    assert code == 2 and "holds a different experiment" in capsys.readouterr().err
+    assert tree_digest(tmp_path / "other") == digest

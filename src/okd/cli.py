@@ -142,7 +142,9 @@ def run(args) -> int:
     if cfg.train.batch_size > len(dataset.train):
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} exceeds the {len(dataset.train)} training images")
 
-    resume_from = Path(args.resume) if args.resume else prepare_run_dir(cfg, args.overwrite)
+    # always check the run directory, so --resume cannot write into another experiment's run
+    last = prepare_run_dir(cfg, args.overwrite)
+    resume_from = Path(args.resume) if args.resume else last
     state = checkpoint.load(resume_from) if resume_from else None
 
     torch.manual_seed(cfg.seed)  # the seed alone fixes the initial weights
