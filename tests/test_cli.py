@@ -136,11 +136,13 @@ def test_resume_flag_and_checkpoint_mismatch(tmp_path, capsys):
     assert "is for model name 'resnet8_tiny'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["missing_data", "unknown_model", "bad_key", "corrupt_ckpt", "not_ckpt",
+@pytest.mark.parametrize("case", ["bad_flag", "missing_data", "unknown_model", "bad_key", "corrupt_ckpt", "not_ckpt",
                                   "cuda", "not_a_run", "batch_too_big", "num_classes"])
 def test_user_errors_are_one_line_exit_2(tmp_path, case):
     extra, env = [], {}
-    if case == "missing_data":
+    if case == "bad_flag":
+        extra = ["--seed", "abc"]
+    elif case == "missing_data":
         extra = ["data.name=cifar10", f"data.root={tmp_path / 'nodata'}"]
     elif case == "unknown_model":
         extra = ["--model", "resnet33"]

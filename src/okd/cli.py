@@ -34,8 +34,15 @@ RESUMABLE_KEYS = {"train.epochs", "device", "train.log_every", "train.eval_every
                   "train.threads", "data.root", "data.cache_dir", "data.download", "output.root"}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and exit 2) like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"okd: error: {message}; see --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="okd-train",
         description="Train an online knowledge distillation method from a YAML config.",
         epilog="Overrides: dotted key=value pairs, e.g. train.epochs=2 model.name=vgg16 method.temperature=4",
