@@ -1,8 +1,12 @@
 """Config loading: defaults, inheritance, overrides, one-line errors naming the key."""
+from pathlib import Path
+
 import pytest
 
 from okd.config import load_config, method_options
 from okd.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def write(tmp_path, name, text):
@@ -22,10 +26,10 @@ def test_defaults_are_paper_protocol():
 
 def test_repo_configs_load():
     for name in ("cifar100", "cifar10", "cifar10_imagefolder", "quickstart"):
-        cfg = load_config(f"configs/{name}.yml")
+        cfg = load_config(str(CONFIGS / f"{name}.yml"))
         assert cfg.method["name"] == "pcl"
-    assert load_config("configs/cifar10.yml").data.name == "cifar10"
-    assert load_config("configs/cifar10.yml").train.epochs == 300  # inherited from cifar100.yml
+    assert load_config(str(CONFIGS / "cifar10.yml")).data.name == "cifar10"
+    assert load_config(str(CONFIGS / "cifar10.yml")).train.epochs == 300  # inherited from cifar100.yml
 
 
 def test_base_inheritance_and_overrides(tmp_path):

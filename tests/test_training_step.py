@@ -1,5 +1,6 @@
 """Every paper backbone takes a PCL training step; the quickstart reaches its stated accuracy (slow)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +31,8 @@ def test_pcl_step_on_every_backbone(name):
 
 @pytest.mark.slow
 def test_quickstart_reaches_stated_accuracy(tmp_path):
-    assert main(["--config", "configs/quickstart.yml", f"output.root={tmp_path}", "device=cpu"]) == 0
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yml"
+    assert main(["--config", str(config), f"output.root={tmp_path}", "device=cpu"]) == 0
     last = json.loads((tmp_path / "quickstart" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["epoch"] == 25
     assert last["summary"]["reported"]["best"] >= 90.0
