@@ -130,7 +130,8 @@ class Trainer:
         torch.manual_seed(derive_seed(cfg.seed, epoch, 1))
         n, bs, views = self.train_labels.numel(), cfg.train.batch_size, method.num_views
         draws = EpochDraws(n, views, cfg.data.pad, cfg.data.flip, cfg.seed, epoch)
-        order = draws.order.to(self.device)
+        # one transfer per epoch, not one per batch
+        order, offsets, flips = (t.to(self.device) for t in (draws.order, draws.offsets, draws.flips))
         num_batches = math.ceil(n / bs)  # the last partial batch is kept
         sums: Dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.device)
@@ -140,7 +141,7 @@ class Trainer:
             pos = slice(b * bs, (b + 1) * bs)
             idx = order[pos]
             images, labels = self.train_images[idx], self.train_labels[idx]
-            inputs = [self.normalize(crop_flip(images, draws.offsets[v, pos], draws.flips[v, pos], cfg.data.pad))
+            inputs = [self.normalize(crop_flip(images, offsets[v, pos], flips[v, pos], cfg.data.pad))
                       for v in range(views)]
             loss, terms = method.forward_train(inputs, labels, epoch)
             self.optimizer.zero_grad(set_to_none=True)
@@ -172,6 +173,9 @@ class Trainer:
             train_stats = self.train_epoch(epoch)
             self.scheduler.step()
             self.epoch = epoch + 1
+            if not all(math.isfinite(v) for v in train_stats["loss"].values()):
+                raise OkdError(f"non-finite training loss in epoch {self.epoch} ({train_stats['loss']}); "
+                               f"lower optim.lr or check the data; last good checkpoint kept")
             record = {"epoch": self.epoch, "step": self.global_step, "lr": lr, "train": train_stats}
             if self.epoch % cfg.train.eval_every == 0 or self.epoch == cfg.train.epochs:
                 val = self.evaluate()
@@ -185,9 +189,6 @@ class Trainer:
                 improved = False
                 self.log.info(f"epoch {self.epoch}/{cfg.train.epochs} loss {train_stats['loss']['total']:.4f} "
                               f"lr {lr:.4g} {train_stats['img_per_s']:.1f} img/s")
-            if not all(math.isfinite(v) for v in train_stats["loss"].values()):
-                raise OkdError(f"non-finite training loss in epoch {self.epoch} ({train_stats['loss']}); "
-                               f"lower optim.lr or check the data; last good checkpoint kept")
             self.log.epoch_record(record)
             if improved:
                 save_best(self)

@@ -208,21 +208,26 @@ def imagefolder(cfg, size: int = 32) -> Dataset:
         st = path.stat()
         digest.update(f"{path.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     cache = _cache_path(root, cfg.cache_dir, digest.hexdigest()[:16])
+    blob = None
     if cache.is_file():
         try:
             blob = torch.load(cache, weights_only=True)
-            train, test = Split(*blob["train"]), Split(*blob["test"])
+            if not {"train", "test", "mean", "std"} <= set(blob):
+                raise KeyError("incomplete cache")
         except Exception:
-            cache.unlink(missing_ok=True)  # a broken cache is only a cache: rebuild it
-            return imagefolder(cfg, size)
-    else:
+            blob = None
+            cache.unlink(missing_ok=True)  # a broken or older cache is only a cache: rebuild it
+    if blob is None:
         train, test = _decode(train_items, size), _decode(test_items, size)
+        mean, std = channel_stats(train.images)  # measured once, stored with the pixels
+        blob = {"train": (train.images, train.labels), "test": (test.images, test.labels),
+                "mean": mean, "std": std}
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"train": (train.images, train.labels), "test": (test.images, test.labels)}, tmp)
+        torch.save(blob, tmp)
         os.replace(tmp, cache)
-    mean, std = channel_stats(train.images)
-    return Dataset("imagefolder", train, test, train_classes, mean, std)
+    return Dataset("imagefolder", Split(*blob["train"]), Split(*blob["test"]), train_classes,
+                   tuple(blob["mean"]), tuple(blob["std"]))
 
 
 # ---------------------------------------------------------------- embedded digits (no network)
