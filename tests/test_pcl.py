@@ -96,7 +96,7 @@ def test_temporal_mean_receives_no_gradient_and_is_not_trained():
     loss, _ = method.forward_train(views, torch.tensor([0, 1, 2, 3]), 80)
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in method.mean.parameters())
-    trainable = {id(p) for p in method.trainable_parameters()}
+    trainable = {id(p) for g in method.parameter_groups() for p in g["params"]}
     assert not any(id(p) in trainable for p in method.mean.parameters())
     assert trainable == {id(p) for p in method.net.parameters()}
 

@@ -14,7 +14,7 @@ from okd.models import backbone_spec
 def test_pcl_step_on_every_backbone(name):
     torch.manual_seed(0)
     method = PCL(backbone_spec(name, 100), 100, PCL.Options()).train()
-    opt = torch.optim.SGD(method.trainable_parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    opt = torch.optim.SGD(method.parameter_groups(), lr=0.1, momentum=0.9, nesterov=True)
     views = [torch.randn(2, 3, 32, 32) for _ in range(3)]
     before = [p.detach().clone() for p in method.mean.parameters()]
     loss, terms = method.forward_train(views, torch.tensor([3, 97]), 10)

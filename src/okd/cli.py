@@ -107,15 +107,18 @@ def git_commit() -> str:
         return "unknown"
 
 
-def prepare_run_dir(cfg: Config, overwrite: bool) -> Optional[Path]:
-    """Check the run directory; returns the last.pt to resume from, if any."""
-    run_dir = cfg.run_dir
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return None
-    if overwrite:
+def move_aside(run_dir: Path) -> None:
+    """--overwrite: the old run is kept under another name, never deleted."""
+    if run_dir.exists() and any(run_dir.iterdir()):
         aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir.rename(aside)
         print(f"okd: moved the existing run to '{aside}' (--overwrite)")
+
+
+def check_run_dir(cfg: Config, overwrite: bool) -> Optional[Path]:
+    """Read-only check of the run directory; returns the last.pt to resume from, if any."""
+    run_dir = cfg.run_dir
+    if overwrite or not run_dir.exists() or not any(run_dir.iterdir()):
         return None
     saved = run_dir / "config.yaml"
     if not saved.is_file():
@@ -142,6 +145,16 @@ def run(args) -> int:
     if args.resume and not Path(args.resume).is_file():
         raise CheckpointError(f"--resume checkpoint '{args.resume}' does not exist")
 
+    # always check the run directory, so --resume cannot write into another experiment's run
+    last = check_run_dir(cfg, args.overwrite)
+    resume_from = Path(args.resume) if args.resume else last
+    state = checkpoint.load(resume_from) if resume_from else None
+    if state is not None and not args.resume and state["epoch"] >= cfg.train.epochs:
+        # a finished cell of a table costs nothing to skip: no data is loaded
+        print(f"okd: run '{cfg.run_dir}' already finished ({state['epoch']}/{cfg.train.epochs} epochs); "
+              f"raise train.epochs to continue or pass --overwrite to start over")
+        return 0
+
     dataset = load_dataset(cfg.data)
     if cfg.model.num_classes is not None and cfg.model.num_classes != dataset.num_classes:
         raise DataError(f"model.num_classes is {cfg.model.num_classes} but dataset '{cfg.data.name}' has "
@@ -149,14 +162,11 @@ def run(args) -> int:
     if cfg.train.batch_size > len(dataset.train):
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} exceeds the {len(dataset.train)} training images")
 
-    # always check the run directory, so --resume cannot write into another experiment's run
-    last = prepare_run_dir(cfg, args.overwrite)
-    resume_from = Path(args.resume) if args.resume else last
-    state = checkpoint.load(resume_from) if resume_from else None
-
     torch.manual_seed(cfg.seed)  # the seed alone fixes the initial weights
     method = build_method(cfg.method["name"], backbone_spec(cfg.model.name, dataset.num_classes),
                           dataset.num_classes, options).to(device)
+    if args.overwrite:
+        move_aside(cfg.run_dir)  # only now: a mistake found above leaves the old run untouched
 
     run_dir = cfg.run_dir
     try:
@@ -174,7 +184,7 @@ def run(args) -> int:
                  f"{platform.python_version()} | device {device} | threads {torch.get_num_threads()}")
         log.info(f"data {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images, "
                  f"{dataset.num_classes} classes | model {cfg.model.name} | method {cfg.method['name']} | "
-                 f"trainable parameters {sum(p.numel() for p in method.trainable_parameters()):,}")
+                 f"trainable parameters {sum(p.numel() for g in method.parameter_groups() for p in g['params']):,}")
         if state is not None:
             log.info(f"resumed from '{resume_from}' at epoch {trainer.epoch}, step {trainer.global_step}")
         if trainer.epoch >= cfg.train.epochs:

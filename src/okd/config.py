@@ -118,7 +118,14 @@ def _read_yaml(path: Path, seen: tuple = ()) -> Dict[str, Any]:
     if base is None:
         return data
     parent = _read_yaml(path.parent / str(base), seen + (path.resolve(),))
+    if _method_name(data) not in (None, _method_name(parent)):
+        parent.pop("method", None)  # the base's options belong to another method
     return deep_merge(parent, data)
+
+
+def _method_name(tree: Dict[str, Any]) -> Optional[str]:
+    section = tree.get("method")
+    return section.get("name") if isinstance(section, dict) else None
 
 
 def deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
@@ -159,9 +166,21 @@ def apply_override(tree: Dict[str, Any], dotted: List[str], value: Any) -> None:
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Read ``path`` (with its ``base`` chain) and apply dotted overrides in order.
+
+    A method section belongs to its method: when a child file or an override
+    changes ``method.name``, the options written for the previous method are
+    dropped and the new method starts from its defaults in code. Overrides of
+    ``method.name`` are applied first, so ``method.temperature=4 --method dml``
+    sets DML's temperature.
+    """
     tree: Dict[str, Any] = _read_yaml(Path(path)) if path else {}
-    for text in overrides or []:
-        apply_override(tree, *parse_override(text))
+    parsed = [parse_override(text) for text in overrides or []]
+    parsed.sort(key=lambda kv: kv[0] != ["method", "name"])  # stable: method.name first
+    for dotted, value in parsed:
+        if dotted == ["method", "name"] and value != _method_name(tree):
+            tree["method"] = {}
+        apply_override(tree, dotted, value)
     return config_from_dict(tree)
 
 

@@ -69,7 +69,7 @@ class Trainer:
         self.test_images = dataset.test.images.to(device)
         self.test_labels = dataset.test.labels.to(device)
         self.normalize = Normalizer(dataset.mean, dataset.std, device)
-        self.optimizer = build_optimizer(cfg, method.trainable_parameters())
+        self.optimizer = build_optimizer(cfg, method.parameter_groups())
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.epoch = 0  # completed epochs
         self.global_step = 0  # completed optimizer steps

@@ -3,7 +3,7 @@ from ..registry import Registry
 
 METHODS = Registry("method")
 
-from . import pcl  # noqa: E402,F401  (registration side effects)
+from . import cl, dml, ffl, kdcl, okddip, one, pcl, vanilla  # noqa: E402,F401  (registration side effects)
 from .base import Method, Summary  # noqa: E402
 
 

@@ -10,7 +10,12 @@ A method owns all of its networks (students, teachers, temporal means) as one
 * ``summary_metrics(acc)`` -> the labelled headline numbers, the first of which
   selects the ``best`` checkpoint;
 * ``deployable_state_dict()``: the reported model, loadable into
-  ``okd.create_model(backbone, num_classes)``.
+  ``okd.create_model(backbone, num_classes)``;
+* ``parameter_groups()``: what the optimizer trains, as SGD parameter groups
+  (a group may override e.g. ``weight_decay``, as FFL's fusion module does).
+
+Each method's loss is also a plain function of logits/features in its file,
+so it can be checked against hand-computed values without building networks.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..models import BackboneSpec
 
 
@@ -58,5 +64,11 @@ class Method(nn.Module):
     def deployable_state_dict(self) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def trainable_parameters(self):
-        return [p for p in self.parameters() if p.requires_grad]
+    def parameter_groups(self) -> List[Dict]:
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+
+def require(ok: bool, method: str, option: str, requirement: str, value) -> None:
+    """A one-line ConfigError naming the option, what it must be and what it was."""
+    if not ok:
+        raise ConfigError(f"config key 'method.{option}' must be {requirement} for {method}, got {value!r}")

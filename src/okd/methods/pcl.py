@@ -27,11 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ema import BUFFER_POLICIES, ModelEMA
-from ..errors import ConfigError
 from ..losses import kd_loss, sigmoid_rampup
 from ..models import MultiBranchNet
 from . import METHODS
-from .base import Method, Summary
+from .base import Method, Summary, require
 
 
 class PCLNet(nn.Module):
@@ -55,14 +54,10 @@ class PCL(Method):
 
     def __init__(self, spec, num_classes: int, options: "PCL.Options"):
         super().__init__(spec, num_classes, options)
-        if options.num_peers < 2:
-            raise ConfigError(f"config key 'method.num_peers' must be >= 2 for pcl, got {options.num_peers}")
-        if options.temperature <= 0:
-            raise ConfigError(f"config key 'method.temperature' must be > 0, got {options.temperature}")
-        if not 0.0 <= options.ema_decay < 1.0:
-            raise ConfigError(f"config key 'method.ema_decay' must be in [0, 1), got {options.ema_decay}")
-        if options.ema_buffers not in BUFFER_POLICIES:
-            raise ConfigError(f"config key 'method.ema_buffers' must be own or copy, got '{options.ema_buffers}'")
+        require(options.num_peers >= 2, "pcl", "num_peers", ">= 2", options.num_peers)
+        require(options.temperature > 0, "pcl", "temperature", "> 0", options.temperature)
+        require(0.0 <= options.ema_decay < 1.0, "pcl", "ema_decay", "in [0, 1)", options.ema_decay)
+        require(options.ema_buffers in BUFFER_POLICIES, "pcl", "ema_buffers", "own or copy", options.ema_buffers)
         self.num_views = options.num_peers
         self.net = PCLNet(spec, num_classes, options.num_peers)
         self.mean = ModelEMA(self.net, options.ema_decay, options.ema_buffers)

@@ -1,6 +1,6 @@
 """Backbones. Importing this package registers every backbone in ``BACKBONES``."""
 from . import densenet, resnet, vgg  # noqa: F401  (registration side effects)
-from .branched import BackboneSpec, Branch, MultiBranchNet, SingleNet
+from .branched import BackboneSpec, Branch, IndependentNets, MultiBranchNet, SingleNet
 from .registry import BACKBONES
 
 
@@ -14,4 +14,4 @@ def create_model(name: str, num_classes: int) -> SingleNet:
     return SingleNet(spec.make_trunk(), spec.make_branch())
 
 
-__all__ = ["BACKBONES", "BackboneSpec", "Branch", "MultiBranchNet", "SingleNet", "backbone_spec", "create_model"]
+__all__ = ["BACKBONES", "BackboneSpec", "Branch", "IndependentNets", "MultiBranchNet", "SingleNet", "backbone_spec", "create_model"]

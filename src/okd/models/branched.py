@@ -17,15 +17,31 @@ from torch import nn
 
 
 class Branch(nn.Module):
-    """Per-branch part: ``body`` maps trunk output to a feature vector, ``fc`` to logits."""
+    """Per-branch part: ``body`` maps trunk output to a feature vector, ``fc`` to logits.
 
-    def __init__(self, body: nn.Module, fc: nn.Linear):
+    ``body`` is a Sequential whose first ``map_layers`` modules produce the
+    branch's last feature map (C x H x W, before pooling); FFL fuses those maps
+    and OKDDip pools them for its attention, so the split is recorded here.
+    """
+
+    def __init__(self, body: nn.Sequential, fc: nn.Linear, map_layers: int):
         super().__init__()
+        if not 0 < map_layers <= len(body):
+            raise ValueError(f"map_layers must be in [1, {len(body)}], got {map_layers}")
         self.body = body
         self.fc = fc
+        self.map_layers = map_layers
 
     def forward(self, trunk_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         feature = self.body(trunk_out)
+        return feature, self.fc(feature)
+
+    def feature_map(self, trunk_out: torch.Tensor) -> torch.Tensor:
+        return self.body[:self.map_layers](trunk_out)
+
+    def head(self, feature_map: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(feature, logits) from the map ``feature_map`` returned."""
+        feature = self.body[self.map_layers:](feature_map)
         return feature, self.fc(feature)
 
 
@@ -33,7 +49,8 @@ class Branch(nn.Module):
 class BackboneSpec:
     make_trunk: Callable[[], nn.Module]
     make_branch: Callable[[], Branch]
-    feature_dim: int
+    feature_dim: int  # width of a branch's feature vector (and of its last feature map)
+    trunk_channels: int  # channels of the shared trunk's output (ONE's gate reads it)
 
 
 class SingleNet(nn.Module):
@@ -46,6 +63,28 @@ class SingleNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.branch(self.trunk(x))[1]
+
+    def features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(feature, logits)."""
+        return self.branch(self.trunk(x))
+
+
+class IndependentNets(nn.Module):
+    """``num_nets`` full networks (trunk + branch each), sharing nothing: DML, KDCL, vanilla."""
+
+    def __init__(self, spec: BackboneSpec, num_nets: int):
+        super().__init__()
+        self.nets = nn.ModuleList([SingleNet(spec.make_trunk(), spec.make_branch()) for _ in range(num_nets)])
+
+    def __len__(self) -> int:
+        return len(self.nets)
+
+    def forward_views(self, views: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Logits of network i on view i (a single view may be passed once per network)."""
+        return [net(view) for net, view in zip(self.nets, views)]
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return [net(x) for net in self.nets]
 
 
 class MultiBranchNet(nn.Module):
@@ -70,10 +109,15 @@ class MultiBranchNet(nn.Module):
         return self.branches[index](self.trunk(x))
 
     def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """Clean input: the trunk once, then every branch."""
+        """One view for all branches: the trunk once, then every branch."""
         shared = self.trunk(x)
         outs = [branch(shared) for branch in self.branches]
         return [f for f, _ in outs], [z for _, z in outs]
+
+    def feature_maps(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """One view for all branches: each branch's last feature map (see ``Branch``)."""
+        shared = self.trunk(x)
+        return [branch.feature_map(shared) for branch in self.branches]
 
     def single_state_dict(self, index: int) -> dict:
         """Weights of trunk + branch ``index`` in ``SingleNet``'s key layout."""

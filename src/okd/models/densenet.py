@@ -73,12 +73,10 @@ def densenet40_12_spec(num_classes: int, growth: int = 12, layers_per_block: int
 
     def make_branch():
         head = [nn.BatchNorm2d(c3)] if final_norm else []
-        body = nn.Sequential(
-            dense_block(c2, layers_per_block, growth, bn_size), *head, nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        branch = Branch(body, nn.Linear(c3, num_classes))
+        to_map = [dense_block(c2, layers_per_block, growth, bn_size), *head, nn.ReLU(inplace=True)]
+        body = nn.Sequential(*to_map, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        branch = Branch(body, nn.Linear(c3, num_classes), map_layers=len(to_map))
         init_weights(branch)
         return branch
 
-    return BackboneSpec(make_trunk, make_branch, c3)
+    return BackboneSpec(make_trunk, make_branch, c3, trunk_channels=c2)

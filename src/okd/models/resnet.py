@@ -105,9 +105,9 @@ def resnet_spec(block, layers: Sequence[int], num_classes: int, widths=(16, 32, 
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         init_weights(body)
-        return Branch(body, nn.Linear(feature_dim, num_classes))
+        return Branch(body, nn.Linear(feature_dim, num_classes), map_layers=1)
 
-    return BackboneSpec(make_trunk, make_branch, feature_dim)
+    return BackboneSpec(make_trunk, make_branch, feature_dim, trunk_channels=widths[1] * block.expansion)
 
 
 BACKBONES.register("resnet32")(partial(resnet_spec, BasicBlock, [5, 5, 5]))

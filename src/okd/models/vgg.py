@@ -47,13 +47,14 @@ def vgg16_spec(num_classes: int, dropout: float = 0.0) -> BackboneSpec:
         return trunk
 
     def make_branch():
+        convs = conv_layers(BRANCH_CFG, 512)  # -> 512 x 1 x 1, the branch's last feature map
         body = nn.Sequential(
-            *conv_layers(BRANCH_CFG, 512), nn.Flatten(),
+            *convs, nn.Flatten(),
             nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
         )
-        branch = Branch(body, nn.Linear(512, num_classes))
+        branch = Branch(body, nn.Linear(512, num_classes), map_layers=len(convs))
         init_weights(branch)
         return branch
 
-    return BackboneSpec(make_trunk, make_branch, 512)
+    return BackboneSpec(make_trunk, make_branch, 512, trunk_channels=512)

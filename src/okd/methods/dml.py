@@ -1,0 +1,83 @@
+"""DML: Deep Mutual Learning (Zhang et al., CVPR 2018), spec section 3.
+
+m independent networks, one shared augmented view, one optimizer, simultaneous
+update. Default (the spec's recommendation): pairwise targets, detached,
+
+  L = sum_k [ CE(z_k, y) + w(e) / (m-1) sum_{l != k} KD_T(z_k <- sg(z_l)) ]
+
+with T = 3 and T^2 scaling (the line-of-work convention); ``temperature: 1``
+is the DML paper's form. ``target: others_mean`` is OKDDip's re-implementation
+(KD towards the mean of the other networks' logits), and ``detach_teacher:
+false`` its undetached targets. Reported: network 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..losses import kd_loss, sigmoid_rampup
+from ..models import IndependentNets
+from . import METHODS
+from .base import Method, Summary, require
+
+TARGETS = ("pairwise", "others_mean")
+
+
+def dml_kd(logits: Sequence[torch.Tensor], temperature: float, target: str = "pairwise",
+           detach_teacher: bool = True) -> torch.Tensor:
+    """The mutual term summed over networks (before the ramp-up weight)."""
+    m = len(logits)
+    teachers = [z.detach() for z in logits] if detach_teacher else list(logits)
+    total = logits[0].new_zeros((), dtype=torch.float32)
+    for k in range(m):
+        others = [teachers[l] for l in range(m) if l != k]
+        if target == "pairwise":
+            total = total + sum(kd_loss(logits[k], t, temperature) for t in others) / (m - 1)
+        else:
+            total = total + kd_loss(logits[k], torch.stack(others).mean(0), temperature)
+    return total
+
+
+@METHODS.register("dml")
+class DML(Method):
+    @dataclass
+    class Options:
+        num_networks: int = 3
+        temperature: float = 3.0  # 1.0 is the DML paper's form
+        target: str = "pairwise"  # pairwise | others_mean (OKDDip's re-implementation)
+        detach_teacher: bool = True
+        rampup_epochs: int = 0  # 0: no ramp-up (DML has none)
+
+    def __init__(self, spec, num_classes: int, options: "DML.Options"):
+        super().__init__(spec, num_classes, options)
+        require(options.num_networks >= 2, "dml", "num_networks", ">= 2", options.num_networks)
+        require(options.temperature > 0, "dml", "temperature", "> 0", options.temperature)
+        require(options.target in TARGETS, "dml", "target", " or ".join(TARGETS), options.target)
+        self.nets = IndependentNets(spec, options.num_networks)
+
+    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
+        opt = self.options
+        logits = self.nets(views[0])
+        ce = sum(F.cross_entropy(z, labels) for z in logits)
+        kd = dml_kd(logits, opt.temperature, opt.target, opt.detach_teacher)
+        loss = ce + sigmoid_rampup(epoch, opt.rampup_epochs) * kd
+        return loss, {"ce": ce.detach(), "kd_mutual": kd.detach()}
+
+    @torch.no_grad()
+    def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        logits = self.nets(images)
+        out = {f"net{k + 1}": z for k, z in enumerate(logits)}
+        out["ensemble"] = torch.stack(logits).mean(0)
+        return out
+
+    def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
+        nets = [acc[f"net{k + 1}"] for k in range(self.options.num_networks)]
+        return [Summary("reported", "network 1 (reported)", acc["net1"]),
+                Summary("mean_net", "mean over networks", sum(nets) / len(nets)),
+                Summary("ensemble", "logit-mean ensemble", acc["ensemble"])]
+
+    def deployable_state_dict(self):
+        return self.nets.nets[0].state_dict()

@@ -1,0 +1,86 @@
+"""KDCL: Knowledge Distillation via Collaborative Learning (Guo et al., CVPR 2020), spec section 8.
+
+m independent networks; network i sees its own augmented view of each image
+("invariant collaborative learning"). The students' logits build an ensemble
+teacher z_t, detached:
+
+  L = sum_i [ CE(z_i, y) + lambda w(e) KD_T(z_i <- sg(z_t)) ]
+
+Teachers: ``minlogit`` (default; subtract each student's true-class logit,
+then take the element-wise minimum over students: 0 at the true class, the
+most confident margin elsewhere) or ``naive`` (mean of the logits). The
+Linear/General variants need a held-out split and are not built. T = 3, no
+ramp-up by default. Reported: network 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..losses import kd_loss, sigmoid_rampup
+from ..models import IndependentNets
+from . import METHODS
+from .base import Method, Summary, require
+
+TEACHERS = ("minlogit", "naive")
+
+
+def minlogit_teacher(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """z_t,c = min_i (z_i,c - z_i,y)."""
+    stacked = torch.stack(list(logits))  # (m, B, C)
+    true_class = stacked.gather(2, labels.view(1, -1, 1).expand(stacked.shape[0], -1, 1))
+    return (stacked - true_class).amin(dim=0)
+
+
+def kdcl_teacher(logits: Sequence[torch.Tensor], labels: torch.Tensor, variant: str) -> torch.Tensor:
+    if variant == "minlogit":
+        return minlogit_teacher(logits, labels)
+    return torch.stack(list(logits)).mean(0)
+
+
+@METHODS.register("kdcl")
+class KDCL(Method):
+    @dataclass
+    class Options:
+        num_networks: int = 3
+        teacher: str = "minlogit"  # minlogit | naive
+        temperature: float = 3.0
+        kd_weight: float = 1.0  # lambda
+        rampup_epochs: int = 0  # 0: no ramp-up; 80 is the line of work's optional choice
+
+    def __init__(self, spec, num_classes: int, options: "KDCL.Options"):
+        super().__init__(spec, num_classes, options)
+        require(options.num_networks >= 2, "kdcl", "num_networks", ">= 2", options.num_networks)
+        require(options.teacher in TEACHERS, "kdcl", "teacher", " or ".join(TEACHERS), options.teacher)
+        require(options.temperature > 0, "kdcl", "temperature", "> 0", options.temperature)
+        require(options.kd_weight >= 0, "kdcl", "kd_weight", ">= 0", options.kd_weight)
+        self.num_views = options.num_networks
+        self.nets = IndependentNets(spec, options.num_networks)
+
+    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
+        opt = self.options
+        logits = self.nets.forward_views(views)
+        teacher = kdcl_teacher([z.detach() for z in logits], labels, opt.teacher)
+        ce = sum(F.cross_entropy(z, labels) for z in logits)
+        kd = sum(kd_loss(z, teacher, opt.temperature) for z in logits)
+        loss = ce + opt.kd_weight * sigmoid_rampup(epoch, opt.rampup_epochs) * kd
+        return loss, {"ce": ce.detach(), "kd_ensemble": kd.detach()}
+
+    @torch.no_grad()
+    def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        logits = self.nets(images)
+        out = {f"net{k + 1}": z for k, z in enumerate(logits)}
+        out["ensemble"] = torch.stack(logits).mean(0)  # MinLogit needs labels: not a test-time model
+        return out
+
+    def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
+        nets = [acc[f"net{k + 1}"] for k in range(self.options.num_networks)]
+        return [Summary("reported", "network 1 (reported)", acc["net1"]),
+                Summary("mean_net", "mean over networks", sum(nets) / len(nets)),
+                Summary("ensemble", "logit-mean ensemble", acc["ensemble"])]
+
+    def deployable_state_dict(self):
+        return self.nets.nets[0].state_dict()

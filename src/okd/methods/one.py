@@ -1,0 +1,92 @@
+"""ONE: On-the-fly Native Ensemble (Lan, Zhu & Gong, NeurIPS 2018), spec section 5.
+
+m branches share the trunk. A gate g = softmax(ReLU(BN1d(W_g GAP(h_trunk))))
+weights the branches' logits into the on-the-fly teacher z_e = sum_j g_j z_j:
+
+  L = sum_j CE(z_j, y) + CE(z_e, y) + w(e) sum_j KD_T(z_j <- sg(z_e))
+
+T = 3, 80-epoch ramp-up; the teacher is detached as in the official code
+(``detach_teacher: false`` is OKDDip's re-implementation). The gate and,
+through z_e, the branches are trained by CE(z_e). Reported: branch 1 ("ONE");
+the gated ensemble ("ONE-E") is logged beside it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import kd_loss, sigmoid_rampup
+from ..models import MultiBranchNet
+from . import METHODS
+from .base import Method, Summary, require
+
+
+class Gate(nn.Module):
+    """Per-sample branch weights from the pooled trunk output."""
+
+    def __init__(self, trunk_channels: int, num_branches: int):
+        super().__init__()
+        self.fc = nn.Linear(trunk_channels, num_branches)
+        self.bn = nn.BatchNorm1d(num_branches)
+
+    def forward(self, trunk_out: torch.Tensor) -> torch.Tensor:
+        pooled = trunk_out.mean(dim=(2, 3))
+        return F.softmax(F.relu(self.bn(self.fc(pooled))), dim=1)
+
+
+def gated_ensemble(gate: torch.Tensor, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """z_e = sum_j g_j z_j, per sample; gate is (B, m)."""
+    return (gate.unsqueeze(2) * torch.stack(list(logits), dim=1)).sum(dim=1)
+
+
+@METHODS.register("one")
+class ONE(Method):
+    @dataclass
+    class Options:
+        num_branches: int = 3
+        temperature: float = 3.0
+        rampup_epochs: int = 80
+        detach_teacher: bool = True
+
+    def __init__(self, spec, num_classes: int, options: "ONE.Options"):
+        super().__init__(spec, num_classes, options)
+        require(options.num_branches >= 2, "one", "num_branches", ">= 2", options.num_branches)
+        require(options.temperature > 0, "one", "temperature", "> 0", options.temperature)
+        self.net = MultiBranchNet(spec, options.num_branches)
+        self.gate = Gate(spec.trunk_channels, options.num_branches)
+
+    def forward_logits(self, x: torch.Tensor):
+        shared = self.net.trunk(x)
+        logits = [branch(shared)[1] for branch in self.net.branches]
+        return logits, gated_ensemble(self.gate(shared), logits)
+
+    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
+        opt = self.options
+        logits, ensemble = self.forward_logits(views[0])
+        teacher = ensemble.detach() if opt.detach_teacher else ensemble
+        ce_branches = sum(F.cross_entropy(z, labels) for z in logits)
+        ce_ensemble = F.cross_entropy(ensemble, labels)
+        kd = sum(kd_loss(z, teacher, opt.temperature) for z in logits)
+        loss = ce_branches + ce_ensemble + sigmoid_rampup(epoch, opt.rampup_epochs) * kd
+        return loss, {"ce_branches": ce_branches.detach(), "ce_ensemble": ce_ensemble.detach(),
+                      "kd_ensemble": kd.detach()}
+
+    @torch.no_grad()
+    def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        logits, ensemble = self.forward_logits(images)
+        out = {f"branch{j + 1}": z for j, z in enumerate(logits)}
+        out["ensemble"] = ensemble
+        return out
+
+    def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
+        branches = [acc[f"branch{j + 1}"] for j in range(self.options.num_branches)]
+        return [Summary("reported", "branch 1 (reported, ONE)", acc["branch1"]),
+                Summary("mean_branch", "mean over branches", sum(branches) / len(branches)),
+                Summary("ensemble", "gated ensemble (ONE-E)", acc["ensemble"])]
+
+    def deployable_state_dict(self):
+        return self.net.single_state_dict(0)
