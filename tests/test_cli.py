@@ -125,6 +125,41 @@ def test_different_config_is_refused_and_overwrite_moves_aside(tmp_path, capsys)
     assert len(moved) == 1 and tree_digest(moved[0]) == digest
 
 
+def test_overwrite_with_a_mistake_leaves_the_old_run_untouched(tmp_path, capsys):
+    assert main(args(tmp_path, "train.epochs=1")) == 0
+    digest = tree_digest(tmp_path / "run")
+    assert main(args(tmp_path, "train.epochs=1", "train.batch_size=100000", "--overwrite")) == 2
+    assert main(args(tmp_path, "train.epochs=1", "method.temperature=-1", "--overwrite")) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["run"] and tree_digest(tmp_path / "run") == digest
+
+
+def test_finished_run_is_skipped_without_loading_data(tmp_path, capsys, monkeypatch):
+    assert main(args(tmp_path, "train.epochs=1")) == 0
+    capsys.readouterr()
+
+    def no_data(*a, **k):
+        raise AssertionError("a finished run must not load its dataset")
+
+    monkeypatch.setattr("okd.cli.load_dataset", no_data)
+    assert main(args(tmp_path, "train.epochs=1")) == 0
+    assert "already finished (1/1 epochs)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["vanilla", "dml", "cl", "one", "ffl", "okddip", "kdcl"])
+def test_every_method_runs_and_resumes_from_the_command_line(tmp_path, method):
+    """One epoch, then a second by rerunning with more epochs: labelled summaries and a loadable model."""
+    base = ["--config", str(REPO / "configs/quickstart.yml"), "--save_dir", "run", f"output.root={tmp_path}",
+            "--method", method, *[a for a in TINY if not a.startswith("method.")]]
+    extra = ["method.rampup_epochs=2"] if method in ("one", "ffl", "okddip") else []
+    assert main([*base, "train.epochs=1", *extra]) == 0
+    assert main([*base, "train.epochs=2", *extra]) == 0
+    recs = records(tmp_path / "run")
+    assert [r["epoch"] for r in recs] == [1, 2]
+    assert "reported" in recs[-1]["summary"]
+    model = okd.load_model(tmp_path / "run" / "best.pt")
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
 def test_resume_flag_and_checkpoint_mismatch(tmp_path, capsys):
     assert main(args(tmp_path, "train.epochs=1", name="src")) == 0
     assert main(args(tmp_path, "train.epochs=2", "--resume", str(tmp_path / "src" / "last.pt"), name="dst")) == 0

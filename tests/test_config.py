@@ -83,3 +83,66 @@ def test_ints_accepted_for_floats_but_not_bools():
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     with pytest.raises(ConfigError):
         load_config(None, ["optim.lr=true"])
+
+
+# ---------------------------------------------------------------- methods
+
+def test_method_yamls_spell_out_the_code_defaults():
+    """configs/methods/<m>.yml and the Options defaults in code must not drift apart."""
+    from dataclasses import asdict
+
+    from okd.methods import METHODS
+
+    names = sorted(p.stem for p in (CONFIGS / "methods").glob("*.yml"))
+    assert names == sorted(METHODS.names())
+    for name in names:
+        cfg = load_config(str(CONFIGS / "methods" / f"{name}.yml"))
+        assert cfg.method == {"name": name, **asdict(METHODS.get(name).Options())}, name
+        assert cfg.data.name == "cifar100" and cfg.train.epochs == 300
+
+
+def test_changing_the_method_drops_the_previous_methods_options(tmp_path):
+    base = write(tmp_path, "base.yml", "method: {name: pcl, ema_decay: 0.99}\n")
+    cfg = load_config(base, ["method.name=dml"])
+    assert cfg.method["name"] == "dml" and "ema_decay" not in cfg.method
+    # an option given for the new method survives, whatever its place on the command line
+    assert load_config(base, ["method.temperature=4", "method.name=dml"]).method["temperature"] == 4.0
+    # naming the same method keeps the file's options
+    assert load_config(base, ["method.name=pcl"]).method["ema_decay"] == 0.99
+    child = write(tmp_path, "child.yml", "base: base.yml\nmethod: {name: one, rampup_epochs: 5}\n")
+    assert load_config(child).method == {"name": "one", "num_branches": 3, "temperature": 3.0,
+                                         "rampup_epochs": 5, "detach_teacher": True}
+
+
+def test_method_flag_on_the_dataset_config():
+    from okd.cli import build_parser, flag_overrides
+
+    args = build_parser().parse_args(["--config", str(CONFIGS / "cifar100.yml"), "--method", "dml",
+                                      "--model", "vgg16"])
+    cfg = load_config(args.config, list(args.overrides) + flag_overrides(args))
+    assert (cfg.method["name"], cfg.model.name, cfg.data.name) == ("dml", "vgg16", "cifar100")
+    assert cfg.run_name == "cifar100_vgg16_dml_seed0"
+
+
+def test_cl_form_fills_its_defaults():
+    assert load_config(None, ["method.name=cl"]).method["temperature"] == 2.0
+    cfg = load_config(None, ["method.name=cl", "method.form=okddip"])
+    assert (cfg.method["temperature"], cfg.method["rampup_epochs"], cfg.method["detach_teacher"]) == (3.0, 80, False)
+    assert load_config(None, ["method.name=cl", "method.form=okddip", "method.temperature=4"]).method["temperature"] == 4.0
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["method.name=dml", "method.ema_decay=0.9"], "unknown config key 'method.ema_decay'"),
+    (["method.name=kdcl", "method.teacher=linear"], "'method.teacher' must be minlogit or naive"),
+    (["method.name=cl", "method.beta=1.5"], "'method.beta' must be in [0, 1]"),
+    (["method.name=okddip", "method.num_peers=1"], "'method.num_peers' must be >= 2"),
+    (["method.name=onee"], "did you mean 'one'"),
+])
+def test_bad_method_options_are_named(overrides, message):
+    from okd.methods import build_method
+    from okd.models import backbone_spec
+
+    with pytest.raises(ConfigError, match=None) as err:
+        cfg = load_config(None, overrides)
+        build_method(cfg.method["name"], backbone_spec("resnet8_tiny", 10), 10, method_options(cfg))
+    assert message in str(err.value)

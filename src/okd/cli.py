@@ -208,7 +208,8 @@ def best_payload(trainer: Trainer) -> Dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    # intermixed: key=value overrides may come before, between and after flags
+    args = build_parser().parse_intermixed_args(argv)
     try:
         return run(args)
     except OkdError as exc:

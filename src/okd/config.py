@@ -234,10 +234,9 @@ def build_dataclass(cls, values: Dict[str, Any], prefix: str):
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise ConfigError(
-                f"unknown config key '{prefix}{key}'{closest(key, names)}; "
-                f"valid keys in '{prefix.rstrip('.') or 'top level'}': {', '.join(names)}"
-            )
+            section = prefix.rstrip('.') or 'top level'
+            valid = f"valid keys in '{section}': {', '.join(names)}" if names else f"'{section}' has no options here"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{closest(key, names)}; {valid}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = build_dataclass(tp, value, f"{prefix}{key}.")

@@ -20,13 +20,13 @@ so it can be checked against hand-computed values without building networks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models import BackboneSpec
+from ..models import BackboneSpec, IndependentNets
 
 
 @dataclass(frozen=True)
@@ -72,3 +72,33 @@ def require(ok: bool, method: str, option: str, requirement: str, value) -> None
     """A one-line ConfigError naming the option, what it must be and what it was."""
     if not ok:
         raise ConfigError(f"config key 'method.{option}' must be {requirement} for {method}, got {value!r}")
+
+
+def numbered_logits(prefix: str, logits: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """{"<prefix>1": z_1, "<prefix>2": z_2, ...}: the names models are logged under."""
+    return {f"{prefix}{i + 1}": z for i, z in enumerate(logits)}
+
+
+def member_summaries(acc: Dict[str, float], prefix: str, count: int, noun: str) -> List[Summary]:
+    """Member 1 as the reported model (spec sections 3-6, 8), then the mean over all members."""
+    values = [acc[f"{prefix}{i + 1}"] for i in range(count)]
+    return [Summary("reported", f"{noun} 1 (reported)", values[0]),
+            Summary(f"mean_{prefix}", f"mean over {noun}s", sum(values) / count)]
+
+
+class IndependentNetworksMethod(Method):
+    """Shared test-time side of methods with m independent networks in ``self.nets`` (DML, KDCL)."""
+
+    nets: IndependentNets
+
+    @torch.no_grad()
+    def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        logits = self.nets(images)
+        return {**numbered_logits("net", logits), "ensemble": torch.stack(logits).mean(0)}
+
+    def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
+        return [*member_summaries(acc, "net", len(self.nets), "network"),
+                Summary("ensemble", "logit-mean ensemble", acc["ensemble"])]
+
+    def deployable_state_dict(self):
+        return self.nets.nets[0].state_dict()

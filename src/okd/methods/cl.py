@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..losses import kd_loss, sigmoid_rampup
 from ..models import MultiBranchNet
 from . import METHODS
-from .base import Method, Summary, require
+from .base import Method, Summary, member_summaries, numbered_logits, require
 
 # form -> (temperature, rampup_epochs, detach_teacher)
 FORMS = {"paper": (2.0, 0, True), "okddip": (3.0, 80, False)}
@@ -99,14 +99,12 @@ class CL(Method):
     @torch.no_grad()
     def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         _, logits = self.net(images)
-        out = {f"branch{h + 1}": z for h, z in enumerate(logits)}
+        out = numbered_logits("branch", logits)
         out["ensemble"] = torch.stack(logits).mean(0)
         return out
 
     def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
-        heads = [acc[f"branch{h + 1}"] for h in range(self.options.num_branches)]
-        return [Summary("reported", "branch 1 (reported)", acc["branch1"]),
-                Summary("mean_branch", "mean over branches", sum(heads) / len(heads)),
+        return [*member_summaries(acc, "branch", self.options.num_branches, "branch"),
                 Summary("ensemble", "logit-mean ensemble", acc["ensemble"])]
 
     def deployable_state_dict(self):

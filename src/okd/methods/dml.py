@@ -13,7 +13,7 @@ false`` its undetached targets. Reported: network 1.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..losses import kd_loss, sigmoid_rampup
 from ..models import IndependentNets
 from . import METHODS
-from .base import Method, Summary, require
+from .base import IndependentNetworksMethod, require
 
 TARGETS = ("pairwise", "others_mean")
 
@@ -42,7 +42,7 @@ def dml_kd(logits: Sequence[torch.Tensor], temperature: float, target: str = "pa
 
 
 @METHODS.register("dml")
-class DML(Method):
+class DML(IndependentNetworksMethod):
     @dataclass
     class Options:
         num_networks: int = 3
@@ -65,19 +65,3 @@ class DML(Method):
         kd = dml_kd(logits, opt.temperature, opt.target, opt.detach_teacher)
         loss = ce + sigmoid_rampup(epoch, opt.rampup_epochs) * kd
         return loss, {"ce": ce.detach(), "kd_mutual": kd.detach()}
-
-    @torch.no_grad()
-    def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        logits = self.nets(images)
-        out = {f"net{k + 1}": z for k, z in enumerate(logits)}
-        out["ensemble"] = torch.stack(logits).mean(0)
-        return out
-
-    def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
-        nets = [acc[f"net{k + 1}"] for k in range(self.options.num_networks)]
-        return [Summary("reported", "network 1 (reported)", acc["net1"]),
-                Summary("mean_net", "mean over networks", sum(nets) / len(nets)),
-                Summary("ensemble", "logit-mean ensemble", acc["ensemble"])]
-
-    def deployable_state_dict(self):
-        return self.nets.nets[0].state_dict()

@@ -24,7 +24,7 @@ from torch import nn
 from ..losses import kd_loss, sigmoid_rampup
 from ..models import MultiBranchNet
 from . import METHODS
-from .base import Method, Summary, require
+from .base import Method, Summary, member_summaries, numbered_logits, require
 
 
 class FusionModule(nn.Module):
@@ -90,15 +90,13 @@ class FFL(Method):
     @torch.no_grad()
     def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         logits, fused = self.forward_logits(images)
-        out = {f"branch{j + 1}": z for j, z in enumerate(logits)}
+        out = numbered_logits("branch", logits)
         out["fused"] = fused
         out["ensemble"] = torch.stack(logits).mean(0)
         return out
 
     def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
-        branches = [acc[f"branch{j + 1}"] for j in range(self.options.num_branches)]
-        return [Summary("reported", "branch 1 (reported)", acc["branch1"]),
-                Summary("mean_branch", "mean over branches", sum(branches) / len(branches)),
+        return [*member_summaries(acc, "branch", self.options.num_branches, "branch"),
                 Summary("fused", "fused classifier", acc["fused"])]
 
     def deployable_state_dict(self):

@@ -10,12 +10,13 @@ Teachers: ``minlogit`` (default; subtract each student's true-class logit,
 then take the element-wise minimum over students: 0 at the true class, the
 most confident margin elsewhere) or ``naive`` (mean of the logits). The
 Linear/General variants need a held-out split and are not built. T = 3, no
-ramp-up by default. Reported: network 1.
+ramp-up by default. Reported: network 1; the logged ensemble is the logit mean
+(MinLogit needs the labels, so it is not a test-time model).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from ..losses import kd_loss, sigmoid_rampup
 from ..models import IndependentNets
 from . import METHODS
-from .base import Method, Summary, require
+from .base import IndependentNetworksMethod, require
 
 TEACHERS = ("minlogit", "naive")
 
@@ -42,7 +43,7 @@ def kdcl_teacher(logits: Sequence[torch.Tensor], labels: torch.Tensor, variant: 
 
 
 @METHODS.register("kdcl")
-class KDCL(Method):
+class KDCL(IndependentNetworksMethod):
     @dataclass
     class Options:
         num_networks: int = 3
@@ -68,19 +69,3 @@ class KDCL(Method):
         kd = sum(kd_loss(z, teacher, opt.temperature) for z in logits)
         loss = ce + opt.kd_weight * sigmoid_rampup(epoch, opt.rampup_epochs) * kd
         return loss, {"ce": ce.detach(), "kd_ensemble": kd.detach()}
-
-    @torch.no_grad()
-    def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        logits = self.nets(images)
-        out = {f"net{k + 1}": z for k, z in enumerate(logits)}
-        out["ensemble"] = torch.stack(logits).mean(0)  # MinLogit needs labels: not a test-time model
-        return out
-
-    def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
-        nets = [acc[f"net{k + 1}"] for k in range(self.options.num_networks)]
-        return [Summary("reported", "network 1 (reported)", acc["net1"]),
-                Summary("mean_net", "mean over networks", sum(nets) / len(nets)),
-                Summary("ensemble", "logit-mean ensemble", acc["ensemble"])]
-
-    def deployable_state_dict(self):
-        return self.nets.nets[0].state_dict()

@@ -26,7 +26,7 @@ from torch import nn
 from ..losses import kd_loss, sigmoid_rampup
 from ..models import MultiBranchNet
 from . import METHODS
-from .base import Method, Summary, require
+from .base import Method, Summary, numbered_logits, require
 
 
 class PeerAttention(nn.Module):
@@ -94,7 +94,7 @@ class OKDDip(Method):
     @torch.no_grad()
     def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         _, logits = self.net(images)
-        out = {f"peer{a + 1}": z for a, z in enumerate(logits[:-1])}
+        out = numbered_logits("peer", logits[:-1])
         out["leader"] = logits[-1]
         out["peer_ensemble"] = torch.stack(logits[:-1]).mean(0)
         return out

@@ -1,0 +1,249 @@
+"""Results table of a set of runs, in the shape of the papers' comparison tables.
+
+    python -m okd.report runs/                       # Markdown, best-epoch and last-epoch tables
+    python -m okd.report runs/ --format csv          # one row per cell and variant
+    python -m okd.report runs/ --figure figs/curves_resnet32.png --backbone resnet32
+
+Rows are backbones, columns methods, cells ``mean ± std (n)`` over seeds of
+the method's *reported* model (``summary.reported`` in ``metrics.jsonl``:
+network/branch 1, OKDDip's leader, PCL's temporal-mean peer 1). "best" is the
+best test accuracy over epochs (the field's protocol), "last" the final epoch's.
+The std is the sample standard deviation (n - 1). Only finished runs count
+unless ``--include-unfinished``; a cell with none is marked ``—`` (no run) or
+``running (k)`` (k unfinished runs).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import yaml
+
+# the papers' order; anything else follows alphabetically
+BACKBONE_ORDER = ["resnet32", "resnet110", "vgg16", "densenet40_12", "wrn20_8"]
+METHOD_ORDER = ["vanilla", "dml", "cl", "one", "ffl", "okddip", "kdcl", "pcl"]
+METHOD_TITLES = {"vanilla": "Vanilla", "dml": "DML", "cl": "CL", "one": "ONE", "ffl": "FFL-S",
+                 "okddip": "OKDDip", "kdcl": "KDCL", "pcl": "PCL"}
+MISSING = "—"
+
+
+class ReportError(Exception):
+    pass
+
+
+@dataclass
+class Run:
+    path: Path
+    dataset: str
+    backbone: str
+    method: str
+    seed: int
+    epochs: int  # configured
+    curve: List[Tuple[int, float]] = field(default_factory=list)  # (epoch, reported accuracy)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.curve) and self.curve[-1][0] >= self.epochs
+
+    @property
+    def best(self) -> float:
+        return max(v for _, v in self.curve)
+
+    @property
+    def last(self) -> float:
+        return self.curve[-1][1]
+
+
+def find_run_dirs(paths: Iterable[str]) -> List[Path]:
+    """Run directories under ``paths`` (a run holds config.yaml and metrics.jsonl)."""
+    found = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise ReportError(f"'{p}' does not exist")
+        candidates = [p] if (p / "config.yaml").is_file() else sorted(c.parent for c in p.rglob("config.yaml"))
+        # runs moved aside by --overwrite are history, not results
+        found += [c for c in candidates if (c / "metrics.jsonl").is_file() and ".replaced-" not in c.name]
+    return list(dict.fromkeys(found))
+
+
+def read_run(run_dir: Path, metric: str = "reported") -> Optional[Run]:
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        run = Run(run_dir, cfg["data"]["name"], cfg["model"]["name"], cfg["method"]["name"], int(cfg["seed"]),
+                  int(cfg["train"]["epochs"]))
+    except (yaml.YAMLError, KeyError, TypeError, ValueError, OSError):
+        print(f"okd-report: skipping '{run_dir}': unreadable config.yaml", file=sys.stderr)
+        return None
+    curve = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+            curve[int(record["epoch"])] = float(record["summary"][metric]["last"])
+        except (ValueError, KeyError, TypeError):
+            continue  # an epoch without evaluation, or a torn last line of a killed run
+    run.curve = sorted(curve.items())
+    return run
+
+
+def rank(name: str, order: Sequence[str]) -> Tuple[int, str]:
+    return (order.index(name), "") if name in order else (len(order), name)
+
+
+def ordered(names: Iterable[str], order: Sequence[str]) -> List[str]:
+    return sorted(set(names), key=lambda n: rank(n, order))
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+@dataclass
+class Cell:
+    values: List[float]
+    seeds: List[int]
+    unfinished: int  # runs not counted (or counted, with --include-unfinished) that are not finished
+
+    def text(self) -> str:
+        if not self.values:
+            return f"running ({self.unfinished})" if self.unfinished else MISSING
+        mean, std = mean_std(self.values)
+        body = f"{mean:.2f} ± {std:.2f}" if len(self.values) > 1 else f"{mean:.2f}"
+        return f"{body} (n={len(self.values)})"
+
+
+def build_cells(runs: Sequence[Run], variant: str, include_unfinished: bool) -> Dict[Tuple[str, str, str], Cell]:
+    cells: Dict[Tuple[str, str, str], Cell] = {}
+    for run in sorted(runs, key=lambda r: (r.seed, str(r.path))):
+        cell = cells.setdefault((run.dataset, run.backbone, run.method), Cell([], [], 0))
+        if not run.finished:
+            cell.unfinished += 1
+        if run.curve and (run.finished or include_unfinished):
+            cell.values.append(run.best if variant == "best" else run.last)
+            cell.seeds.append(run.seed)
+    return cells
+
+
+def markdown(runs: Sequence[Run], include_unfinished: bool = False) -> str:
+    out = []
+    for dataset in sorted({r.dataset for r in runs}):
+        subset = [r for r in runs if r.dataset == dataset]
+        backbones = ordered({r.backbone for r in subset}, BACKBONE_ORDER)
+        methods = ordered({r.method for r in subset}, METHOD_ORDER)
+        for variant, title in (("best", "best epoch"), ("last", "last epoch")):
+            cells = build_cells(subset, variant, include_unfinished)
+            out.append(f"### {dataset}: top-1 % of the reported model, {title} (mean ± std over seeds)\n")
+            out.append("| backbone | " + " | ".join(METHOD_TITLES.get(m, m) for m in methods) + " |")
+            out.append("|---|" + "---|" * len(methods))
+            for b in backbones:
+                row = [cells.get((dataset, b, m), Cell([], [], 0)).text() for m in methods]
+                out.append(f"| {b} | " + " | ".join(row) + " |")
+            out.append("")
+    out.append(f"{MISSING}: no run. running (k): k runs not finished yet"
+               + ("" if include_unfinished else " (not counted)") + ".")
+    return "\n".join(out) + "\n"
+
+
+def csv_text(runs: Sequence[Run], include_unfinished: bool = False) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["dataset", "backbone", "method", "variant", "mean", "std", "n", "seeds", "unfinished"])
+    for variant in ("best", "last"):
+        cells = build_cells(runs, variant, include_unfinished)
+        keys = sorted(cells, key=lambda k: (k[0], rank(k[1], BACKBONE_ORDER), rank(k[2], METHOD_ORDER)))
+        for key in keys:
+            cell = cells[key]
+            if cell.values:
+                mean, std = mean_std(cell.values)
+                row = [f"{mean:.4f}", f"{std:.4f}", len(cell.values), " ".join(map(str, cell.seeds))]
+            else:
+                row = ["", "", 0, ""]
+            writer.writerow([*key, variant, *row, cell.unfinished])
+    return buf.getvalue()
+
+
+def curves_figure(runs: Sequence[Run], backbone: str, dataset: Optional[str], path: Path) -> None:
+    """Test accuracy of the reported model per epoch, mean over seeds (band: min-max), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [r for r in runs if r.backbone == backbone and (dataset is None or r.dataset == dataset) and r.curve]
+    datasets = sorted({r.dataset for r in chosen})
+    if not chosen:
+        raise ReportError(f"no runs with backbone '{backbone}'" + (f" on '{dataset}'" if dataset else ""))
+    if len(datasets) > 1:
+        raise ReportError(f"runs of several datasets ({', '.join(datasets)}) for '{backbone}'; pick one with --dataset")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in ordered({r.method for r in chosen}, METHOD_ORDER):
+        by_epoch: Dict[int, List[float]] = {}
+        seeds = [r for r in chosen if r.method == method]
+        for r in seeds:
+            for epoch, value in r.curve:
+                by_epoch.setdefault(epoch, []).append(value)
+        epochs = sorted(by_epoch)
+        mean = [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs]
+        (line,) = ax.plot(epochs, mean, label=f"{METHOD_TITLES.get(method, method)} (n={len(seeds)})")
+        if len(seeds) > 1:
+            ax.fill_between(epochs, [min(by_epoch[e]) for e in epochs], [max(by_epoch[e]) for e in epochs],
+                            color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 % (reported model)")
+    ax.set_title(f"{datasets[0]} / {backbone}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="okd-report", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dirs", nargs="+", help="run directories, or folders searched for them (e.g. runs/)")
+    p.add_argument("--format", choices=["markdown", "csv"], default="markdown")
+    p.add_argument("--dataset", help="only runs on this dataset")
+    p.add_argument("--include-unfinished", action="store_true", help="count runs that have not finished")
+    p.add_argument("--output", "-o", help="write the table here instead of stdout")
+    p.add_argument("--figure", help="also write a PNG of test-accuracy curves per method (needs --backbone)")
+    p.add_argument("--backbone", help="backbone of the --figure")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        runs = [r for r in (read_run(d) for d in find_run_dirs(args.run_dirs)) if r is not None]
+        if args.dataset:
+            runs = [r for r in runs if r.dataset == args.dataset]
+        if not runs:
+            raise ReportError(f"no okd runs found under {', '.join(args.run_dirs)}"
+                              + (f" for dataset '{args.dataset}'" if args.dataset else ""))
+        if args.figure and not args.backbone:
+            raise ReportError("--figure needs --backbone (e.g. --backbone resnet32)")
+        text = (csv_text if args.format == "csv" else markdown)(runs, args.include_unfinished)
+        if args.output:
+            Path(args.output).write_text(text)
+        else:
+            sys.stdout.write(text)
+        if args.figure:
+            curves_figure(runs, args.backbone, args.dataset, Path(args.figure))
+            print(f"okd-report: wrote {args.figure}", file=sys.stderr)
+    except ReportError as exc:
+        print(f"okd-report: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

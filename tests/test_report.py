@@ -1,0 +1,85 @@
+"""The results-table tool on synthetic run directories: means, stds, counts and markers by hand."""
+import csv
+import io
+import json
+
+import pytest
+import yaml
+
+from okd.report import main
+
+
+def fake_run(root, dataset, backbone, method, seed, curve, epochs=None):
+    run = root / f"{dataset}_{backbone}_{method}_seed{seed}"
+    run.mkdir(parents=True)
+    cfg = {"seed": seed, "data": {"name": dataset}, "model": {"name": backbone}, "method": {"name": method},
+           "train": {"epochs": epochs or len(curve)}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    lines = [json.dumps({"epoch": e + 1, "summary": {"reported": {"last": v, "best": max(curve[:e + 1])}}})
+             for e, v in enumerate(curve)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    # dml/resnet32: best 70 and 74 -> mean 72, sample std sqrt(8) = 2.83; last 69 and 73 -> 71, 2.83
+    fake_run(root, "cifar100", "resnet32", "dml", 0, [60.0, 70.0, 69.0])
+    fake_run(root, "cifar100", "resnet32", "dml", 1, [65.0, 74.0, 73.0])
+    # pcl/resnet32: one seed
+    fake_run(root, "cifar100", "resnet32", "pcl", 0, [50.0, 75.5, 75.0])
+    # pcl/vgg16: unfinished only (2 of 5 epochs) -> "running (1)"; dml/vgg16 missing -> "—"
+    fake_run(root, "cifar100", "vgg16", "pcl", 0, [40.0, 41.0], epochs=5)
+    # a run moved aside by --overwrite is ignored
+    old = fake_run(root, "cifar100", "resnet32", "pcl", 7, [99.0, 99.0, 99.0])
+    old.rename(old.with_name(old.name + ".replaced-20260101-000000"))
+    return root
+
+
+def test_markdown_table(runs, capsys):
+    assert main([str(runs)]) == 0
+    out = capsys.readouterr().out
+    best, last = out.split("last epoch")[0], out.split("last epoch")[1]
+    assert "| backbone | DML | PCL |" in best
+    assert "| resnet32 | 72.00 ± 2.83 (n=2) | 75.50 (n=1) |" in best
+    assert "| vgg16 | — | running (1) |" in best
+    assert "| resnet32 | 71.00 ± 2.83 (n=2) | 75.00 (n=1) |" in last
+    assert "99.00" not in out
+    # rows in the paper's backbone order
+    assert best.index("| resnet32 |") < best.index("| vgg16 |")
+
+
+def test_csv_and_unfinished(runs, capsys):
+    assert main([str(runs), "--format", "csv", "--include-unfinished"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    by = {(r["backbone"], r["method"], r["variant"]): r for r in rows}
+    dml = by[("resnet32", "dml", "best")]
+    assert float(dml["mean"]) == 72.0 and float(dml["std"]) == pytest.approx(8 ** 0.5, abs=1e-4)
+    assert dml["n"] == "2" and dml["seeds"] == "0 1" and dml["unfinished"] == "0"
+    vgg = by[("vgg16", "pcl", "last")]
+    assert float(vgg["mean"]) == 41.0 and vgg["n"] == "1" and vgg["unfinished"] == "1"
+
+
+def test_figure_and_errors(runs, tmp_path, capsys):
+    png = tmp_path / "figs" / "curves.png"
+    assert main([str(runs), "--figure", str(png), "--backbone", "resnet32"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([str(runs), "--figure", str(png)]) == 2
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert main([str(runs), "--dataset", "cifar10"]) == 2
+    err = capsys.readouterr().err
+    assert "needs --backbone" in err and "does not exist" in err and "no okd runs" in err
+
+
+def test_reads_a_real_run(tmp_path, capsys):
+    """The tool reads what the trainer writes (a one-epoch quickstart-sized run)."""
+    from okd.cli import main as train
+
+    assert train(["--method", "dml", "--model", "resnet8_tiny", "data.name=digits", "train.epochs=1",
+                  "train.batch_size=256", f"output.root={tmp_path}", "device=cpu", "data.train_subset=512",
+                  "data.test_subset=128"]) == 0
+    capsys.readouterr()
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert {(r["dataset"], r["backbone"], r["method"], r["n"]) for r in rows} == {("digits", "resnet8_tiny", "dml", "1")}
