@@ -33,7 +33,7 @@ def test_repo_configs_load():
 
 
 def test_base_inheritance_and_overrides(tmp_path):
-    write(tmp_path, "parent.yml", "train:\n  epochs: 10\n  batch_size: 32\nmethod:\n  temperature: 4\n")
+    write(tmp_path, "parent.yml", "train:\n  epochs: 10\n  batch_size: 32\nschedule:\n  milestones: [5]\nmethod:\n  temperature: 4\n")
     child = write(tmp_path, "child.yml", "base: parent.yml\ntrain:\n  epochs: 20\n")
     cfg = load_config(child, ["train.batch_size=16", "model.name=vgg16", "method.ema_decay=0.99", "seed=3"])
     assert cfg.train.epochs == 20 and cfg.train.batch_size == 16

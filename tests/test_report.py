@@ -76,7 +76,7 @@ def test_reads_a_real_run(tmp_path, capsys):
     """The tool reads what the trainer writes (a one-epoch quickstart-sized run)."""
     from okd.cli import main as train
 
-    assert train(["--method", "dml", "--model", "resnet8_tiny", "data.name=digits", "train.epochs=1",
+    assert train(["--method", "dml", "--model", "resnet8_tiny", "data.name=digits", "train.epochs=1", "schedule.milestones=[]",
                   "train.batch_size=256", f"output.root={tmp_path}", "device=cpu", "data.train_subset=512",
                   "data.test_subset=128"]) == 0
     capsys.readouterr()

@@ -24,14 +24,17 @@ from . import checkpoint
 from .config import Config, dump_yaml, load_config, method_options
 from .data import load_dataset
 from .errors import CheckpointError, ConfigError, DataError, OkdError
-from .logger import RunLogger
+from . import distributed
+from .distributed import DistInfo
+from .logger import NullLogger, RunLogger
 from .methods import build_method
 from .models import backbone_spec
-from .trainer import Trainer
+from .trainer import Interrupted, Trainer
 
 # Keys that may change when a run is continued: they do not alter what is computed.
 RESUMABLE_KEYS = {"train.epochs", "device", "train.log_every", "train.eval_every", "train.eval_batch_size",
-                  "train.threads", "data.root", "data.cache_dir", "data.download", "output.root"}
+                  "train.threads", "data.root", "data.cache_dir", "data.download", "output.root",
+                  "checkpoint.every_n_steps", "train.max_skipped_steps"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -86,12 +89,20 @@ def config_differences(old: Dict, new: Dict) -> List[str]:
             if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)]
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, dist: DistInfo = DistInfo()) -> torch.device:
+    if dist.enabled and name in ("auto", "cuda") and torch.cuda.is_available():
+        # torchrun: one GPU per process
+        if dist.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"torchrun started more processes per node than the {torch.cuda.device_count()} "
+                              f"GPU(s) here; lower --nproc_per_node")
+        return torch.device("cuda", dist.local_rank)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"device '{name}' requested but CUDA is not available here; use device=cpu or auto")
+        if dist.enabled:
+            raise ConfigError(f"device '{name}' under torchrun: use device=cuda (process r takes cuda:LOCAL_RANK)")
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
             raise ConfigError(f"device '{name}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
@@ -137,22 +148,34 @@ def check_run_dir(cfg: Config, overwrite: bool) -> Optional[Path]:
 
 
 def run(args) -> int:
+    dist = distributed.info_from_env()
     # flags are applied after the dotted overrides: an explicit --model beats model.name=...
     cfg = load_config(args.config, list(args.overrides) + flag_overrides(args))
     options = method_options(cfg)
-    device = resolve_device(cfg.device)
-    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    if cfg.train.batch_size % dist.world_size:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} (the global batch) is not divisible by the "
+                          f"torchrun world size {dist.world_size}; pick a batch size that is")
+    device = resolve_device(cfg.device, dist)
+    if cfg.train.sync_bn and not (dist.enabled and device.type == "cuda"):
+        raise ConfigError("train.sync_bn needs torchrun on CUDA devices; set train.sync_bn=false")
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // local_procs))
     if args.resume and not Path(args.resume).is_file():
         raise CheckpointError(f"--resume checkpoint '{args.resume}' does not exist")
 
     # always check the run directory, so --resume cannot write into another experiment's run
     last = check_run_dir(cfg, args.overwrite)
-    resume_from = Path(args.resume) if args.resume else last
-    state = checkpoint.load(resume_from) if resume_from else None
+    if args.resume:
+        state, resume_from = checkpoint.load(Path(args.resume)), Path(args.resume)
+    elif last is not None:
+        state, resume_from = checkpoint.load_latest(last)
+    else:
+        state, resume_from = None, None
     if state is not None and not args.resume and state["epoch"] >= cfg.train.epochs:
         # a finished cell of a table costs nothing to skip: no data is loaded
-        print(f"okd: run '{cfg.run_dir}' already finished ({state['epoch']}/{cfg.train.epochs} epochs); "
-              f"raise train.epochs to continue or pass --overwrite to start over")
+        if dist.is_main:
+            print(f"okd: run '{cfg.run_dir}' already finished ({state['epoch']}/{cfg.train.epochs} epochs); "
+                  f"raise train.epochs to continue or pass --overwrite to start over")
         return 0
 
     dataset = load_dataset(cfg.data)
@@ -162,42 +185,55 @@ def run(args) -> int:
     if cfg.train.batch_size > len(dataset.train):
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} exceeds the {len(dataset.train)} training images")
 
-    torch.manual_seed(cfg.seed)  # the seed alone fixes the initial weights
+    torch.manual_seed(cfg.seed)  # the seed alone fixes the initial weights, on every rank
     method = build_method(cfg.method["name"], backbone_spec(cfg.model.name, dataset.num_classes),
-                          dataset.num_classes, options).to(device)
-    if args.overwrite:
-        move_aside(cfg.run_dir)  # only now: a mistake found above leaves the old run untouched
+                          dataset.num_classes, options)
+    if cfg.train.sync_bn:
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    method = method.to(device)
 
     run_dir = cfg.run_dir
+    if dist.is_main:
+        if args.overwrite:
+            move_aside(run_dir)  # only now: a mistake found above leaves the old run untouched
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        except OSError as exc:
+            raise OkdError(f"cannot write the run directory '{run_dir}' ({exc.strerror}); "
+                           f"set output.root to a writable folder") from None
+    distributed.init(dist, device)
+    distributed.barrier()
+    log = RunLogger(run_dir, state["epoch"] if state else 0) if dist.is_main else NullLogger()
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    except OSError as exc:
-        raise OkdError(f"cannot write the run directory '{run_dir}' ({exc.strerror}); set output.root to a writable folder") from None
-    log = RunLogger(run_dir, state["epoch"] if state else 0)
-    try:
-        trainer = Trainer(cfg, method, dataset, device, log)
+        trainer = Trainer(cfg, method, dataset, device, log, dist)
         if state is not None:
             trainer.load_state_dict(state, resume_from)
         log.info(f"command: {shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])}")
         log.info(f"okd run '{run_dir}' | git {git_commit()} | torch {torch.__version__} | python "
-                 f"{platform.python_version()} | device {device} | threads {torch.get_num_threads()}")
+                 f"{platform.python_version()} | device {device} | threads {torch.get_num_threads()}"
+                 + (f" | torchrun world size {dist.world_size}" if dist.enabled else ""))
         log.info(f"data {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images, "
                  f"{dataset.num_classes} classes | model {cfg.model.name} | method {cfg.method['name']} | "
                  f"trainable parameters {sum(p.numel() for g in method.parameter_groups() for p in g['params']):,}")
         if state is not None:
-            log.info(f"resumed from '{resume_from}' at epoch {trainer.epoch}, step {trainer.global_step}")
+            where = f", batch {trainer.batch_in_epoch} of epoch {trainer.epoch + 1}" if trainer.batch_in_epoch else ""
+            log.info(f"resumed from '{resume_from}' at epoch {trainer.epoch}{where}, step {trainer.global_step}")
         if trainer.epoch >= cfg.train.epochs:
             log.info(f"run already finished ({trainer.epoch}/{cfg.train.epochs} epochs); "
                      f"raise train.epochs to continue or pass --overwrite to start over")
         else:
-            trainer.fit(save_last=lambda t: checkpoint.save_atomic(
-                            {**t.state_dict(), "deploy": t.method.deployable_state_dict()}, run_dir / "last.pt"),
-                        save_best=lambda t: checkpoint.save_atomic(best_payload(t), run_dir / "best.pt"))
+            main_only = (lambda fn: fn) if dist.is_main else (lambda fn: lambda t: None)
+            trainer.fit(
+                save_last=main_only(lambda t: checkpoint.save_atomic(
+                    {**t.state_dict(), "deploy": t.method.deployable_state_dict()}, run_dir / "last.pt",
+                    keep_previous=True)),
+                save_best=main_only(lambda t: checkpoint.save_atomic(best_payload(t), run_dir / "best.pt")))
         if trainer.last:
             log.info(trainer.summary_line())
     finally:
         log.close()
+        distributed.shutdown()
     return 0
 
 
@@ -212,6 +248,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
         return run(args)
+    except Interrupted as exc:
+        print(f"okd: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except OkdError as exc:
         print(f"okd: error: {exc}", file=sys.stderr)
         return 2

@@ -64,6 +64,15 @@ class TrainConfig:
     eval_batch_size: int = 500
     log_every: int = 50  # steps between plain progress lines when not on a terminal
     threads: int = 0  # CPU threads for torch; 0 = all cores
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; losses in fp32; fp16 uses a GradScaler)
+    nonfinite: str = "stop"  # a non-finite loss: stop (keep the last good checkpoint) | skip the step
+    max_skipped_steps: int = 10  # with nonfinite: skip, stop after this many skipped steps
+    sync_bn: bool = False  # SyncBatchNorm across torchrun processes (CUDA only)
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 0  # also write last.pt every N optimizer steps inside an epoch (0: per epoch only)
 
 
 @dataclass
@@ -82,6 +91,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     @property
@@ -270,6 +280,9 @@ def method_options(cfg: Config):
     return build_dataclass(METHODS.get(cfg.method["name"]).Options, opts, "method.")
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 def _positive(value, key):
     if value <= 0:
         raise ConfigError(f"config key '{key}' must be > 0, got {value}")
@@ -296,6 +309,23 @@ def validate(cfg: Config) -> None:
         )
     if sorted(cfg.schedule.milestones) != cfg.schedule.milestones:
         raise ConfigError(f"config key 'schedule.milestones' must be increasing, got {cfg.schedule.milestones}")
+    if cfg.schedule.name == "multistep" and any(m > cfg.train.epochs for m in cfg.schedule.milestones):
+        raise ConfigError(f"schedule.milestones {cfg.schedule.milestones} lie beyond the last epoch "
+                          f"(train.epochs={cfg.train.epochs}); lower them, e.g. schedule.milestones=[], "
+                          f"or raise train.epochs")
+    if cfg.optim.momentum < 0 or cfg.optim.momentum >= 1:
+        raise ConfigError(f"config key 'optim.momentum' must be in [0, 1), got {cfg.optim.momentum}")
+    if cfg.schedule.gamma <= 0:
+        raise ConfigError(f"config key 'schedule.gamma' must be > 0, got {cfg.schedule.gamma}")
+    for key, value, choices in (("train.precision", cfg.train.precision, PRECISIONS),
+                                ("train.nonfinite", cfg.train.nonfinite, ("stop", "skip"))):
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be {' or '.join(choices)}, got '{value}'"
+                              f"{closest(value, list(choices))}")
+    if cfg.train.max_skipped_steps < 0 or cfg.checkpoint.every_n_steps < 0:
+        raise ConfigError("config keys 'train.max_skipped_steps' and 'checkpoint.every_n_steps' must be >= 0")
+    if cfg.train.log_every <= 0 or cfg.train.threads < 0:
+        raise ConfigError("config key 'train.log_every' must be > 0 and 'train.threads' >= 0")
     if cfg.data.pad < 0:
         raise ConfigError(f"config key 'data.pad' must be >= 0, got {cfg.data.pad}")
     for key in ("mean", "std"):

@@ -83,18 +83,34 @@ class RunLogger:
             h.close()
 
 
+class NullLogger:
+    """What ranks other than 0 log to under torchrun: nothing."""
+
+    is_main = False
+
+    def info(self, msg: str) -> None:
+        pass
+
+    def epoch_record(self, record: Dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Progress:
     """tqdm on a terminal; otherwise a plain line every ``every`` steps."""
 
-    def __init__(self, total: int, desc: str, every: int, log: RunLogger):
+    def __init__(self, total: int, desc: str, every: int, log, start: int = 0):
         self.total, self.desc, self.every, self.log = total, desc, max(1, every), log
         self.bar = None
-        self.count = 0
+        self.count = start  # steps already done (a run resumed mid-epoch)
+        self.first = start
         self.start = time.perf_counter()
-        if sys.stderr.isatty():
+        if sys.stderr.isatty() and getattr(log, "is_main", True):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, desc=desc, leave=False, dynamic_ncols=True)
 
     def update(self, images: int, loss: Optional[float] = None) -> None:
         self.count += 1
@@ -103,7 +119,8 @@ class Progress:
             if loss is not None:
                 self.bar.set_postfix(loss=f"{loss:.3f}")
         elif self.count % self.every == 0 or self.count == self.total:
-            rate = images / max(time.perf_counter() - self.start, 1e-9)
+            done = images - images * self.first / max(self.count, 1)  # images since this process started
+            rate = done / max(time.perf_counter() - self.start, 1e-9)
             extra = f" loss {loss:.4f}" if loss is not None else ""
             self.log.info(f"{self.desc} step {self.count}/{self.total}{extra} {rate:.1f} img/s")
 

@@ -52,6 +52,10 @@ class Method(nn.Module):
                       ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def forward(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
+        """``forward_train``: the trainer calls the module (through DDP under torchrun)."""
+        return self.forward_train(views, labels, epoch)
+
     def after_step(self, step: int) -> None:
         """Called after optimizer step ``step`` (0-based global index)."""
 
