@@ -8,7 +8,7 @@
 #   METHODS="dml pcl" BACKBONES=resnet32 ./run_table.sh cifar10 0 train.epochs=10
 #
 # Extra arguments are passed to every run (flags or key=value overrides).
-# Runs go to runs/<dataset>_<backbone>_<method>_seed<seed>/.
+# Runs go to runs/<dataset>_<backbone>_<method>_seed<seed>/ (under output.root if you pass one).
 set -uo pipefail
 cd "$(dirname "$0")"
 if [ $# -lt 1 ]; then
@@ -30,13 +30,16 @@ for backbone in $backbones; do
     for method in $methods; do
         for seed in $seeds; do
             echo "=== $dataset $backbone $method seed $seed"
-            if ! python main.py --config "$config" --model "$backbone" --method "$method" --seed "$seed" "$@"; then
+            if ! python main.py --config "$config" --model "$backbone" --method "$method" --seed "$seed" \
+                    --save_dir "${dataset}_${backbone}_${method}_seed${seed}" "$@"; then
                 failed+=("$backbone/$method/seed$seed")
             fi
         done
     done
 done
-python -m okd.report runs --dataset "$dataset" || true
+root=runs
+for arg in "$@"; do case $arg in output.root=*) root=${arg#output.root=};; esac; done
+python -m okd.report "$root" || true
 if [ ${#failed[@]} -gt 0 ]; then
     echo "run_table.sh: ${#failed[@]} cell(s) failed: ${failed[*]}" >&2
     exit 1
