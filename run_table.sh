@@ -5,7 +5,7 @@
 # this script picks up where it stopped. A failed cell is reported and the rest go on.
 #
 #   ./run_table.sh cifar100 "0 1 2"                       # the full table, 3 seeds
-#   METHODS="dml pcl" BACKBONES=resnet32 ./run_table.sh cifar10 0 train.epochs=10
+#   METHODS="dml pcl" BACKBONES=resnet32 ./run_table.sh cifar10 0 train.epochs=10 'schedule.milestones=[5,8]'
 #
 # Extra arguments are passed to every run (flags or key=value overrides).
 # Runs go to runs/<dataset>_<backbone>_<method>_seed<seed>/ (under output.root if you pass one).

@@ -192,6 +192,13 @@ def run(args) -> int:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     method = method.to(device)
 
+    distributed.init(dist, device)
+    # the trainer is built, and a checkpoint loaded into it, before anything is written:
+    # a checkpoint that does not fit leaves no trace
+    trainer = Trainer(cfg, method, dataset, device, NullLogger(), dist)
+    if state is not None:
+        trainer.load_state_dict(state, resume_from)
+
     run_dir = cfg.run_dir
     if dist.is_main:
         if args.overwrite:
@@ -202,13 +209,10 @@ def run(args) -> int:
         except OSError as exc:
             raise OkdError(f"cannot write the run directory '{run_dir}' ({exc.strerror}); "
                            f"set output.root to a writable folder") from None
-    distributed.init(dist, device)
     distributed.barrier()
     log = RunLogger(run_dir, state["epoch"] if state else 0) if dist.is_main else NullLogger()
+    trainer.log = log
     try:
-        trainer = Trainer(cfg, method, dataset, device, log, dist)
-        if state is not None:
-            trainer.load_state_dict(state, resume_from)
         log.info(f"command: {shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])}")
         log.info(f"okd run '{run_dir}' | git {git_commit()} | torch {torch.__version__} | python "
                  f"{platform.python_version()} | device {device} | threads {torch.get_num_threads()}"
@@ -233,7 +237,6 @@ def run(args) -> int:
             log.info(trainer.summary_line())
     finally:
         log.close()
-        distributed.shutdown()
     return 0
 
 
@@ -257,6 +260,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("okd: interrupted; rerun the same command to continue from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

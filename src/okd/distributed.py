@@ -95,3 +95,24 @@ def average_buffers(module: nn.Module) -> None:
             buf.div_(world)
         else:
             dist.broadcast(buf, src=0)
+
+
+@torch.no_grad()
+def states_in_sync(module: nn.Module) -> bool:
+    """Whether every rank holds the same parameters and buffers (checked once per epoch).
+
+    Two float64 fingerprints per rank (the plain sum and a position-weighted sum
+    of every tensor) are compared through MAX and MIN all-reduces.
+    """
+    if not dist.is_initialized():
+        return True
+    device = next(module.parameters()).device
+    fingerprint = torch.zeros(2, dtype=torch.float64, device=device)
+    for t in (*module.parameters(), *module.buffers()):
+        flat = t.detach().reshape(-1).double()
+        fingerprint[0] += flat.sum()
+        fingerprint[1] += (flat * torch.arange(1, flat.numel() + 1, device=device, dtype=torch.float64)).sum()
+    high, low = fingerprint.clone(), fingerprint.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return bool(torch.equal(high, low))

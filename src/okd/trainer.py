@@ -11,6 +11,7 @@ trains its slice of every global batch (see ``okd.distributed``).
 """
 from __future__ import annotations
 
+import inspect
 import math
 import signal
 import time
@@ -111,8 +112,11 @@ class Trainer:
         if dist.enabled:
             # the Method's forward is forward_train; the temporal mean has no trainable
             # parameters, so DDP leaves it alone. Buffers are averaged once per epoch instead.
+            no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                              inspect.signature(DistributedDataParallel.__init__).parameters
+                              else {"broadcast_buffers": False})  # the older name
             self.train_module = DistributedDataParallel(
-                method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+                method, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
         self.optimizer = build_optimizer(cfg, method.parameter_groups())
         self.scheduler = build_scheduler(cfg, self.optimizer)
         precision = cfg.train.precision
@@ -317,6 +321,11 @@ class Trainer:
         record = {"epoch": self.epoch, "step": self.global_step, "lr": lr, "train": train_stats}
         if self.skipped_steps:
             record["skipped_steps"] = self.skipped_steps
+        if self.dist.enabled:
+            in_sync = distributed.states_in_sync(self.method)
+            record["distributed"] = {"world_size": self.dist.world_size, "ranks_in_sync": in_sync}
+            if not in_sync:
+                self.log.info("warning: the ranks' weights differ (a non-deterministic kernel?); rank 0's are saved")
         if self.epoch % cfg.train.eval_every == 0 or self.epoch == cfg.train.epochs:
             val = self.evaluate()
             record["val"] = val
