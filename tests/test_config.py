@@ -21,7 +21,7 @@ def test_defaults_are_paper_protocol():
     assert (cfg.train.epochs, cfg.train.batch_size) == (300, 128)
     assert cfg.schedule.milestones == [150, 225] and cfg.schedule.gamma == 0.1
     assert cfg.method == {"name": "pcl", "num_peers": 3, "temperature": 3.0, "rampup_epochs": 80,
-                          "ema_decay": 0.999, "ema_buffers": "own"}
+                          "ema_decay": 0.999, "ema_buffers": "own", "fused_views": False}
 
 
 def test_repo_configs_load():

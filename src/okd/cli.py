@@ -34,7 +34,8 @@ from .trainer import Interrupted, Trainer
 # Keys that may change when a run is continued: they do not alter what is computed.
 RESUMABLE_KEYS = {"train.epochs", "device", "train.log_every", "train.eval_every", "train.eval_batch_size",
                   "train.threads", "data.root", "data.cache_dir", "data.download", "output.root",
-                  "checkpoint.every_n_steps", "train.max_skipped_steps"}
+                  "checkpoint.every_n_steps", "train.max_skipped_steps", "train.channels_last",
+                  "train.compile"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -191,6 +192,8 @@ def run(args) -> int:
     if cfg.train.sync_bn:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     method = method.to(device)
+    if cfg.train.channels_last:
+        method = method.to(memory_format=torch.channels_last)
 
     distributed.init(dist, device)
     # the trainer is built, and a checkpoint loaded into it, before anything is written:

@@ -68,6 +68,8 @@ class TrainConfig:
     nonfinite: str = "stop"  # a non-finite loss: stop (keep the last good checkpoint) | skip the step
     max_skipped_steps: int = 10  # with nonfinite: skip, stop after this many skipped steps
     sync_bn: bool = False  # SyncBatchNorm across torchrun processes (CUDA only)
+    channels_last: bool = False  # NHWC memory format for weights and inputs (faster convolutions on most hardware)
+    compile: bool = False  # torch.compile the training step's forward
 
 
 @dataclass

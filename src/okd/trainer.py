@@ -117,6 +117,9 @@ class Trainer:
                               else {"broadcast_buffers": False})  # the older name
             self.train_module = DistributedDataParallel(
                 method, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
+        if cfg.train.compile:
+            self.train_module = torch.compile(self.train_module)
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.optimizer = build_optimizer(cfg, method.parameter_groups())
         self.scheduler = build_scheduler(cfg, self.optimizer)
         precision = cfg.train.precision
@@ -203,7 +206,26 @@ class Trainer:
 
     # ------------------------------------------------------------ one step
 
-    def _step(self, inputs: List[torch.Tensor], labels: torch.Tensor, epoch: int):
+    def epoch_draws(self, epoch: int):
+        """The epoch's order, crop offsets and flips, moved to the device once per epoch."""
+        draws = EpochDraws(self.train_labels.numel(), self.method.num_views, self.cfg.data.pad, self.cfg.data.flip,
+                           self.cfg.seed, epoch)
+        return tuple(t.to(self.device) for t in (draws.order, draws.offsets, draws.flips))
+
+    def make_inputs(self, b: int, order, offsets, flips):
+        """This rank's share of global batch ``b``: (one normalised view per method view, labels)."""
+        n, bs = self.train_labels.numel(), self.cfg.train.batch_size
+        pos = torch.arange(b * bs, min((b + 1) * bs, n), device=self.device)
+        if pos.numel() < self.dist.world_size:
+            return None
+        pos = pos.tensor_split(self.dist.world_size)[self.dist.rank]
+        idx = order[pos]
+        images, labels = self.train_images[idx], self.train_labels[idx]
+        inputs = [self.normalize(crop_flip(images, offsets[v, pos], flips[v, pos], self.cfg.data.pad)).contiguous(
+            memory_format=self.memory_format) for v in range(self.method.num_views)]
+        return inputs, labels
+
+    def train_step(self, inputs: List[torch.Tensor], labels: torch.Tensor, epoch: int):
         """Forward, backward and (unless the loss is non-finite and skipped) the optimizer step."""
         cast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                 else nullcontext())
@@ -243,10 +265,8 @@ class Trainer:
             # an epoch boundary replays it exactly (mid-epoch, the saved RNG state does).
             torch.manual_seed(derive_seed(cfg.seed, epoch, 1 + dist.rank))
             self.partial = {"sums": {}, "images": 0, "seconds": 0.0}
-        n, bs, views = self.train_labels.numel(), cfg.train.batch_size, method.num_views
-        draws = EpochDraws(n, views, cfg.data.pad, cfg.data.flip, cfg.seed, epoch)
-        # one transfer per epoch, not one per batch
-        order, offsets, flips = (t.to(self.device) for t in (draws.order, draws.offsets, draws.flips))
+        n, bs = self.train_labels.numel(), cfg.train.batch_size
+        order, offsets, flips = self.epoch_draws(epoch)
         num_batches = math.ceil(n / bs)  # the last partial batch is kept (split over ranks if possible)
         # float64 sums survive the round trip through a mid-epoch checkpoint exactly
         sums: Dict[str, torch.Tensor] = {k: torch.tensor(v, dtype=torch.float64, device=self.device)
@@ -256,15 +276,11 @@ class Trainer:
         start = time.perf_counter()
         every = cfg.checkpoint.every_n_steps
         for b in range(first_batch, num_batches):
-            pos = torch.arange(b * bs, min((b + 1) * bs, n), device=self.device)
-            if pos.numel() < dist.world_size:
+            batch = self.make_inputs(b, order, offsets, flips)
+            if batch is None:
                 continue  # too few images left to give every rank one
-            pos = pos.tensor_split(dist.world_size)[dist.rank]
-            idx = order[pos]
-            images, labels = self.train_images[idx], self.train_labels[idx]
-            inputs = [self.normalize(crop_flip(images, offsets[v, pos], flips[v, pos], cfg.data.pad))
-                      for v in range(views)]
-            loss, terms, bad, stop = self._step(inputs, labels, epoch)
+            inputs, labels = batch
+            loss, terms, bad, stop = self.train_step(inputs, labels, epoch)
             self.global_step += 1
             self.batch_in_epoch = b + 1
             if not bad:

@@ -51,6 +51,7 @@ class PCL(Method):
         rampup_epochs: int = 80  # R of the sigmoid ramp-up applied to both KD terms
         ema_decay: float = 0.999  # cap of the temporal-mean decay min(1 - 1/(t+1), cap)
         ema_buffers: str = "own"  # own: EMA keeps its own BN statistics; copy: copy student's
+        fused_views: bool = False  # run the trunk once over all views (BatchNorm still per view); speed only
 
     def __init__(self, spec, num_classes: int, options: "PCL.Options"):
         super().__init__(spec, num_classes, options)
@@ -60,7 +61,9 @@ class PCL(Method):
         require(options.ema_buffers in BUFFER_POLICIES, "pcl", "ema_buffers", "own or copy", options.ema_buffers)
         self.num_views = options.num_peers
         self.net = PCLNet(spec, num_classes, options.num_peers)
-        self.mean = ModelEMA(self.net, options.ema_decay, options.ema_buffers)
+        if options.fused_views:
+            self.net.peers.enable_fused_views()
+        self.mean = ModelEMA(self.net, options.ema_decay, options.ema_buffers)  # a copy: fused too
 
     def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
         opt = self.options
@@ -68,7 +71,7 @@ class PCL(Method):
         feats, logits = self.net.peers.forward_views(views)
         ensemble_logits = self.net.ensemble_fc(torch.cat(feats, dim=1))
         with torch.no_grad():
-            mean_logits = [self.mean.module.peers.forward_branch(views[l], l)[1] for l in range(m)]
+            mean_logits = self.mean.module.peers.forward_views(views)[1]  # mean teacher l on view l
         teacher = ensemble_logits.detach()
 
         ce_ensemble = F.cross_entropy(ensemble_logits, labels)

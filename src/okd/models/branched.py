@@ -96,14 +96,33 @@ class MultiBranchNet(nn.Module):
         self.branches = nn.ModuleList([spec.make_branch() for _ in range(num_branches)])
         self.feature_dim = spec.feature_dim
 
+    def enable_fused_views(self) -> None:
+        """Let ``forward_views`` run the trunk once over all views (see ``okd.models.view_bn``)."""
+        from .view_bn import convert_view_bn
+
+        convert_view_bn(self.trunk)
+        self.fused_views = True
+
+    fused_views = False
+
     def forward_views(self, views: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """Branch j sees view j; the trunk runs once per view (per-view BatchNorm statistics)."""
-        feats, logits = [], []
-        for branch, view in zip(self.branches, views):
-            f, z = branch(self.trunk(view))
-            feats.append(f)
-            logits.append(z)
-        return feats, logits
+        """Branch j sees view j, with per-view BatchNorm statistics in the trunk.
+
+        Reference order: the trunk once per view. Fused: once over the views
+        concatenated along the batch, BatchNorm still per view.
+        """
+        if self.fused_views and len(views) > 1 and self.training:
+            from .view_bn import set_views
+
+            set_views(self.trunk, len(views))
+            try:
+                shared = self.trunk(torch.cat(list(views))).chunk(len(views))
+            finally:
+                set_views(self.trunk, 1)
+        else:
+            shared = [self.trunk(v) for v in views]
+        outs = [branch(s) for branch, s in zip(self.branches, shared)]
+        return [f for f, _ in outs], [z for _, z in outs]
 
     def forward_branch(self, x: torch.Tensor, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.branches[index](self.trunk(x))

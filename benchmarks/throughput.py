@@ -1,0 +1,284 @@
+"""Training throughput of okd's PCL step against the seed's execution style, measured in one process.
+
+    python benchmarks/throughput.py                                   # PCL ResNet-32, batch 128, this machine
+    python benchmarks/throughput.py --model resnet110 --device cuda --json out.json
+
+The **reference** path is implemented here, independently of okd's trainer, the way the seed ran:
+a DataLoader whose workers turn each image into a PIL image and apply RandomCrop(32, 4) +
+RandomHorizontalFlip + ToTensor + Normalize three times (one per peer); then the shared trunk called
+once per view, the branches and the three temporal-mean forwards one after another, and the temporal
+mean updated with a per-tensor Python loop, in fp32.
+
+The **okd** variants run okd's own ``Trainer.make_inputs`` (uint8 tensors on the device, one batched
+gather per view) and ``Trainer.train_step`` under the configuration named by the variant:
+``cl`` = channels_last, ``fused`` = the trunk once over all views (per-view BatchNorm), ``bf16`` /
+``fp16`` = autocast, ``compile`` = torch.compile (only with --compile).
+
+Protocol: every variant is built and warmed up first; then ``--rounds`` rounds, in each of which every
+variant runs ``--steps`` steps, round-robin, so that drifts of a shared machine hit all alike. Reported:
+median img/s over rounds, min and max, and the ratio of medians to the reference. The data pipeline
+alone is measured the same way. The last line is ``speedup_vs_reference=<ratio>`` for the default fast
+configuration of the device (``--fast`` to choose another).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from okd.config import config_from_dict  # noqa: E402
+from okd.data.datasets import Dataset, Split  # noqa: E402
+from okd.logger import NullLogger  # noqa: E402
+from okd.methods import build_method  # noqa: E402
+from okd.config import method_options  # noqa: E402
+from okd.models import backbone_spec  # noqa: E402
+from okd.trainer import Trainer  # noqa: E402
+
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+DEFAULT_FAST = {"cpu": "okd+cl", "cuda": "okd+cl+fused+bf16"}
+
+
+# ---------------------------------------------------------------- reference (the seed's style)
+
+class PILViews(torch.utils.data.Dataset):
+    """CIFAR-style dataset of HWC uint8 arrays; every item is 3 independently augmented views."""
+
+    def __init__(self, images_hwc: np.ndarray, labels: np.ndarray, views: int = 3):
+        import torchvision.transforms as T
+
+        self.images, self.labels, self.views = images_hwc, labels, views
+        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                                    T.Normalize(CIFAR100_MEAN, CIFAR100_STD)])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        img = Image.fromarray(self.images[i])
+        return [self.transform(img) for _ in range(self.views)], int(self.labels[i])
+
+
+class ReferenceLoader:
+    """An endless stream of batches from a DataLoader with workers, as the seed used."""
+
+    def __init__(self, dataset, batch_size, workers, device):
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+            pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        self.device = device
+        self.it = iter(self.loader)
+
+    def next(self):
+        try:
+            views, labels = next(self.it)
+        except StopIteration:
+            self.it = iter(self.loader)
+            views, labels = next(self.it)
+        nb = self.device.type == "cuda"
+        return [v.to(self.device, non_blocking=nb) for v in views], labels.to(self.device, non_blocking=nb)
+
+
+def kl_div_kd(student, teacher, T):
+    return F.kl_div(F.log_softmax(student / T, dim=1), F.softmax(teacher / T, dim=1), reduction="batchmean") * T * T
+
+
+class ReferenceStep:
+    """The seed's order of work on okd's PCL modules (same networks, same loss)."""
+
+    def __init__(self, method, lr=0.1):
+        self.method = method
+        self.opt = torch.optim.SGD(method.net.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        self.step_count = 0
+
+    def __call__(self, views, labels, epoch=100):
+        net, mean = self.method.net, self.method.mean.module
+        opt_, T = self.method.options, self.method.options.temperature
+        m = opt_.num_peers
+        feats, logits = [], []
+        for j in range(m):  # the trunk once per view, branches one after another
+            f, z = net.peers.branches[j](net.peers.trunk(views[j]))
+            feats.append(f)
+            logits.append(z)
+        z_e = net.ensemble_fc(torch.cat(feats, 1))
+        with torch.no_grad():
+            mean_logits = [mean.peers.branches[l](mean.peers.trunk(views[l]))[1] for l in range(m)]
+        w = 1.0
+        loss = F.cross_entropy(z_e, labels)
+        for j in range(m):
+            loss = loss + F.cross_entropy(logits[j], labels) + w * kl_div_kd(logits[j], z_e.detach(), T)
+            loss = loss + w * sum(kl_div_kd(logits[j], mean_logits[l], T) for l in range(m) if l != j) / (m - 1)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        decay = min(1 - 1 / (self.step_count + 1), opt_.ema_decay)
+        with torch.no_grad():  # per-tensor Python loop
+            for ema_p, p in zip(mean.parameters(), net.parameters()):
+                ema_p.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        self.step_count += 1
+        return loss
+
+
+# ---------------------------------------------------------------- okd variants
+
+def okd_trainer(variant, model, batch_size, images_u8, labels, device):
+    flags = set(variant.split("+")[1:])
+    precision = "bf16" if "bf16" in flags else "fp16" if "fp16" in flags else "fp32"
+    tree = {"device": str(device), "data": {"name": "digits"}, "model": {"name": model},
+            "method": {"name": "pcl", "fused_views": "fused" in flags},
+            "train": {"batch_size": batch_size, "precision": precision, "channels_last": "cl" in flags,
+                      "compile": "compile" in flags, "epochs": 300}}
+    cfg = config_from_dict(tree)
+    n = labels.numel()
+    split = Split(images_u8, labels)
+    dataset = Dataset("synthetic", split, Split(images_u8[:10], labels[:10]), [str(i) for i in range(100)],
+                      CIFAR100_MEAN, CIFAR100_STD)
+    torch.manual_seed(0)
+    method = build_method("pcl", backbone_spec(model, 100), 100, method_options(cfg)).to(device)
+    if cfg.train.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    trainer = Trainer(cfg, method, dataset, device, NullLogger())
+    state = {"draws": trainer.epoch_draws(0), "b": 0, "batches": n // batch_size}
+
+    def inputs():
+        b = state["b"] % state["batches"]
+        state["b"] += 1
+        return trainer.make_inputs(b, *state["draws"])
+
+    def step():
+        views, y = inputs()
+        loss, *_ = trainer.train_step(views, y, 100)
+        trainer.global_step += 1
+        return loss
+
+    return step, inputs
+
+
+# ---------------------------------------------------------------- timing
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_rounds(fns, rounds, steps, device, batch_size, settle=0.0):
+    """{name: [img/s per round]}, each round running every fn ``steps`` times, round-robin.
+
+    ``settle`` seconds of idle before each timing let the reference DataLoader's workers finish
+    refilling their prefetch queue, so that they do not compete with the variant being timed.
+    """
+    results = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            time.sleep(settle)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            sync(device)
+            results[name].append(batch_size * steps / (time.perf_counter() - t0))
+    return results
+
+
+def summarise(results, reference):
+    ref = statistics.median(results[reference])
+    return {name: {"median_img_per_s": statistics.median(v), "min_img_per_s": min(v), "max_img_per_s": max(v),
+                   "ratio_to_reference": statistics.median(v) / ref, "rounds": v} for name, v in results.items()}
+
+
+def print_table(title, summary):
+    print(f"\n{title}")
+    print(f"{'variant':<24} {'median img/s':>13} {'min':>9} {'max':>9} {'x reference':>12}")
+    for name, s in summary.items():
+        print(f"{name:<24} {s['median_img_per_s']:>13.1f} {s['min_img_per_s']:>9.1f} {s['max_img_per_s']:>9.1f} "
+              f"{s['ratio_to_reference']:>12.2f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", default="pcl", choices=["pcl"], help="the reference reproduces the PCL seed")
+    p.add_argument("--model", default="resnet32")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2, help="steps per variant per round")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--workers", type=int, default=0, help="reference DataLoader workers (0: one per core)")
+    p.add_argument("--variants", default="okd,okd+cl,okd+fused,okd+cl+fused,okd+cl+bf16",
+                   help="comma-separated okd variants (flags: cl, fused, bf16, fp16, compile)")
+    p.add_argument("--compile", action="store_true", help="also measure okd+cl+compile")
+    p.add_argument("--fast", help="the variant whose ratio is the last line (default: per device)")
+    p.add_argument("--images", type=int, default=0, help="synthetic training images (default: 32 batches)")
+    p.add_argument("--json", help="write all measurements here")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(args.threads or cores)
+    workers = args.workers or cores
+    variants = [v for v in args.variants.split(",") if v] + (["okd+cl+compile"] if args.compile else [])
+    fast = args.fast or DEFAULT_FAST[device.type]
+    if fast not in variants:
+        variants.append(fast)
+    n = args.images or 32 * args.batch_size
+    rng = np.random.default_rng(0)
+    images_hwc = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    labels_np = rng.integers(0, 100, size=n).astype(np.int64)
+    images_u8 = torch.from_numpy(images_hwc).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(labels_np)
+
+    print(f"okd throughput benchmark | PCL {args.model} batch {args.batch_size} | device {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}) | "
+          f"torch {torch.__version__} | threads {torch.get_num_threads()} | reference workers {workers}")
+
+    # build everything first
+    ref_loader = ReferenceLoader(PILViews(images_hwc, labels_np), args.batch_size, workers, device)
+    torch.manual_seed(0)
+    from okd.methods.pcl import PCL
+
+    ref_method = PCL(backbone_spec(args.model, 100), 100, PCL.Options()).to(device).train()
+    ref_step = ReferenceStep(ref_method)
+    steps = {"reference": lambda: ref_step(*ref_loader.next())}
+    pipes = {"reference": ref_loader.next}
+    for v in variants:
+        step, inputs = okd_trainer(v, args.model, args.batch_size, images_u8, labels, device)
+        steps[v], pipes[v] = step, inputs
+    # warm up (compilation, cuDNN autotuning, allocator, worker start-up)
+    for fn in list(steps.values()) + list(pipes.values()):
+        for _ in range(args.warmup):
+            fn()
+    sync(device)
+
+    pipe = summarise(time_rounds({"reference": pipes["reference"], "okd": pipes["okd" if "okd" in pipes else fast]},
+                                 args.rounds, args.steps * 4, device, args.batch_size, settle=1.0), "reference")
+    train = summarise(time_rounds(steps, args.rounds, args.steps, device, args.batch_size), "reference")
+    print_table("data pipeline alone (3 augmented views per image)", pipe)
+    print(f"  per core: reference uses {workers} worker process(es), okd {torch.get_num_threads()} thread(s) "
+          f"of the training process")
+    print_table("full training step incl. data (img/s)", train)
+    speedup = train[fast]["ratio_to_reference"]
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "model": args.model, "batch_size": args.batch_size, "device": str(device), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "reference_workers": workers, "rounds": args.rounds,
+            "steps": args.steps, "fast_variant": fast, "data_pipeline": pipe, "train_step": train}, indent=1))
+    print(f"fast configuration: {fast}")
+    print(f"speedup_vs_reference={speedup:.2f}")
+
+
+if __name__ == "__main__":
+    main()

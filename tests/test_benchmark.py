@@ -1,0 +1,28 @@
+"""The throughput benchmark runs end to end and reports in the documented format (not a timing test)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_reports_ratios_and_last_line(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/throughput.py"), "--model", "resnet8_tiny", "--batch-size", "16",
+         "--rounds", "2", "--steps", "1", "--warmup", "1", "--workers", "1", "--threads", "1",
+         "--variants", "okd,okd+fused", "--fast", "okd+fused", "--images", "64", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("speedup_vs_reference=")
+    result = json.loads(out.read_text())
+    train = result["train_step"]
+    assert set(train) == {"reference", "okd", "okd+fused"}
+    assert train["reference"]["ratio_to_reference"] == 1.0
+    assert all(len(v["rounds"]) == 2 and v["min_img_per_s"] <= v["median_img_per_s"] <= v["max_img_per_s"]
+               for v in train.values())
+    ratio = train["okd+fused"]["median_img_per_s"] / train["reference"]["median_img_per_s"]
+    assert float(last.split("=")[1]) == round(ratio, 2)
+    assert result["data_pipeline"]["okd"]["median_img_per_s"] > 0
