@@ -222,6 +222,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also measure okd+cl+compile")
     p.add_argument("--fast", help="the variant whose ratio is the last line (default: per device)")
     p.add_argument("--images", type=int, default=0, help="synthetic training images (default: 32 batches)")
+    p.add_argument("--settle", type=float, default=1.0,
+                   help="idle seconds before timing each variant (lets the reference's workers finish prefetching)")
     p.add_argument("--json", help="write all measurements here")
     args = p.parse_args(argv)
 
@@ -264,8 +266,9 @@ def main(argv=None):
     sync(device)
 
     pipe = summarise(time_rounds({"reference": pipes["reference"], "okd": pipes["okd" if "okd" in pipes else fast]},
-                                 args.rounds, args.steps * 4, device, args.batch_size, settle=1.0), "reference")
-    train = summarise(time_rounds(steps, args.rounds, args.steps, device, args.batch_size), "reference")
+                                 args.rounds, args.steps * 4, device, args.batch_size, settle=args.settle), "reference")
+    train = summarise(time_rounds(steps, args.rounds, args.steps, device, args.batch_size, settle=args.settle),
+                      "reference")
     print_table("data pipeline alone (3 augmented views per image)", pipe)
     print(f"  per core: reference uses {workers} worker process(es), okd {torch.get_num_threads()} thread(s) "
           f"of the training process")

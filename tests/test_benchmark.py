@@ -12,7 +12,7 @@ def test_benchmark_reports_ratios_and_last_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks/throughput.py"), "--model", "resnet8_tiny", "--batch-size", "16",
          "--rounds", "2", "--steps", "1", "--warmup", "1", "--workers", "1", "--threads", "1",
-         "--variants", "okd,okd+fused", "--fast", "okd+fused", "--images", "64", "--json", str(out)],
+         "--variants", "okd,okd+fused", "--fast", "okd+fused", "--images", "64", "--settle", "0", "--json", str(out)],
         capture_output=True, text=True, timeout=300, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
