@@ -37,11 +37,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from okd.config import config_from_dict  # noqa: E402
+from okd.config import config_from_dict, method_options  # noqa: E402
 from okd.data.datasets import Dataset, Split  # noqa: E402
 from okd.logger import NullLogger  # noqa: E402
 from okd.methods import build_method  # noqa: E402
-from okd.config import method_options  # noqa: E402
+from okd.methods.pcl import PCL  # noqa: E402
 from okd.models import backbone_spec  # noqa: E402
 from okd.trainer import Trainer  # noqa: E402
 
@@ -250,8 +250,6 @@ def main(argv=None):
     # build everything first
     ref_loader = ReferenceLoader(PILViews(images_hwc, labels_np), args.batch_size, workers, device)
     torch.manual_seed(0)
-    from okd.methods.pcl import PCL
-
     ref_method = PCL(backbone_spec(args.model, 100), 100, PCL.Options()).to(device).train()
     ref_step = ReferenceStep(ref_method)
     steps = {"reference": lambda: ref_step(*ref_loader.next())}

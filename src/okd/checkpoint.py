@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -52,7 +53,13 @@ def save_atomic(obj: Dict[str, Any], path: Path, keep_previous: bool = False) ->
         fh.flush()
         os.fsync(fh.fileno())
     if keep_previous and path.exists():
-        os.replace(path, previous_path(path))
+        # link (or copy) the old file to <name>.prev first, so that <name> itself never goes missing
+        prev_tmp = path.with_name(f".{path.name}.prev{os.getpid()}")
+        try:
+            os.link(path, prev_tmp)
+        except OSError:  # a filesystem without hard links
+            shutil.copy2(path, prev_tmp)
+        os.replace(prev_tmp, previous_path(path))
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 

@@ -145,7 +145,8 @@ def check_run_dir(cfg: Config, overwrite: bool) -> Optional[Path]:
         raise OkdError(f"run directory '{run_dir}' holds a different experiment ({shown}); "
                        f"use another --save_dir or pass --overwrite")
     last = run_dir / "last.pt"
-    return last if last.exists() else None
+    # load_latest falls back to last.prev.pt when last.pt is missing or damaged
+    return last if last.exists() or checkpoint.previous_path(last).exists() else None
 
 
 def run(args) -> int:
