@@ -9,8 +9,8 @@ RandomHorizontalFlip + ToTensor + Normalize three times (one per peer); then the
 once per view, the branches and the three temporal-mean forwards one after another, and the temporal
 mean updated with a per-tensor Python loop, in fp32.
 
-The **okd** variants run okd's own ``Trainer.make_inputs`` (uint8 tensors on the device, one batched
-gather per view) and ``Trainer.train_step`` under the configuration named by the variant:
+The **okd** variants run okd's own trainer parts, ``BatchStream`` (uint8 tensors on the device, one batched
+gather per view) and ``TrainStep``, under the configuration named by the variant:
 ``cl`` = channels_last, ``fused`` = the trunk once over all views (per-view BatchNorm), ``bf16`` /
 ``fp16`` = autocast, ``compile`` = torch.compile (only with --compile).
 
@@ -37,12 +37,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from okd.config import config_from_dict, method_options  # noqa: E402
+from okd.checkpointing import CheckpointPolicy  # noqa: E402
+from okd.config import config_from_dict  # noqa: E402
 from okd.data.datasets import Dataset, Split  # noqa: E402
 from okd.logger import NullLogger  # noqa: E402
 from okd.methods import build_method  # noqa: E402
 from okd.methods.pcl import PCL  # noqa: E402
 from okd.models import backbone_spec  # noqa: E402
+from okd.run_state import RunState  # noqa: E402
+from okd.step import Optimization  # noqa: E402
 from okd.trainer import Trainer  # noqa: E402
 
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -146,22 +149,22 @@ def okd_trainer(variant, model, batch_size, images_u8, labels, device):
     dataset = Dataset("synthetic", split, Split(images_u8[:10], labels[:10]), [str(i) for i in range(100)],
                       CIFAR100_MEAN, CIFAR100_STD)
     torch.manual_seed(0)
-    method = build_method("pcl", backbone_spec(model, 100), 100, method_options(cfg)).to(device)
+    method = build_method("pcl", backbone_spec(model, 100), 100, cfg.method).to(device)
     if cfg.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    trainer = Trainer(cfg, method, dataset, device, NullLogger())
-    state = {"draws": trainer.epoch_draws(0), "b": 0, "batches": n // batch_size}
+    trainer = Trainer(cfg, method, dataset, device, Optimization.build(cfg, method, device), RunState(),
+                      CheckpointPolicy(None), NullLogger())
+    state = {"draws": trainer.stream.draws(0), "b": 0, "batches": n // batch_size}
 
     def inputs():
         b = state["b"] % state["batches"]
         state["b"] += 1
-        return trainer.make_inputs(b, *state["draws"])
+        return trainer.stream.batch(b, state["draws"])
 
     def step():
-        views, y = inputs()
-        loss, *_ = trainer.train_step(views, y, 100)
-        trainer.global_step += 1
-        return loss
+        result = trainer.step(inputs(), 100, trainer.state, False)
+        trainer.state.step += 1
+        return result.loss
 
     return step, inputs
 

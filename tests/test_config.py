@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from okd.config import load_config, method_options
+from okd.config import load_config
 from okd.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -20,14 +20,14 @@ def test_defaults_are_paper_protocol():
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (0.1, 0.9, True, 5e-4)
     assert (cfg.train.epochs, cfg.train.batch_size) == (300, 128)
     assert cfg.schedule.milestones == [150, 225] and cfg.schedule.gamma == 0.1
-    assert cfg.method == {"name": "pcl", "num_peers": 3, "temperature": 3.0, "rampup_epochs": 80,
+    assert cfg.to_dict()["method"] == {"name": "pcl", "num_peers": 3, "temperature": 3.0, "rampup_epochs": 80,
                           "ema_decay": 0.999, "ema_buffers": "own", "fused_views": False}
 
 
 def test_repo_configs_load():
     for name in ("cifar100", "cifar10", "cifar10_imagefolder", "quickstart"):
         cfg = load_config(str(CONFIGS / f"{name}.yml"))
-        assert cfg.method["name"] == "pcl"
+        assert cfg.method.name == "pcl"
     assert load_config(str(CONFIGS / "cifar10.yml")).data.name == "cifar10"
     assert load_config(str(CONFIGS / "cifar10.yml")).train.epochs == 300  # inherited from cifar100.yml
 
@@ -38,8 +38,8 @@ def test_base_inheritance_and_overrides(tmp_path):
     cfg = load_config(child, ["train.batch_size=16", "model.name=vgg16", "method.ema_decay=0.99", "seed=3"])
     assert cfg.train.epochs == 20 and cfg.train.batch_size == 16
     assert cfg.model.name == "vgg16" and cfg.seed == 3
-    assert cfg.method["temperature"] == 4.0 and cfg.method["ema_decay"] == 0.99
-    assert method_options(cfg).temperature == 4.0
+    assert cfg.method.temperature == 4.0 and cfg.method.ema_decay == 0.99
+    assert cfg.method.temperature == 4.0
 
 
 def test_alias_resolves_to_canonical():
@@ -97,20 +97,20 @@ def test_method_yamls_spell_out_the_code_defaults():
     assert names == sorted(METHODS.names())
     for name in names:
         cfg = load_config(str(CONFIGS / "methods" / f"{name}.yml"))
-        assert cfg.method == {"name": name, **asdict(METHODS.get(name).Options())}, name
+        assert cfg.to_dict()["method"] == {"name": name, **asdict(METHODS.get(name).Options())}, name
         assert cfg.data.name == "cifar100" and cfg.train.epochs == 300
 
 
 def test_changing_the_method_drops_the_previous_methods_options(tmp_path):
     base = write(tmp_path, "base.yml", "method: {name: pcl, ema_decay: 0.99}\n")
     cfg = load_config(base, ["method.name=dml"])
-    assert cfg.method["name"] == "dml" and "ema_decay" not in cfg.method
+    assert cfg.method.name == "dml" and not hasattr(cfg.method, "ema_decay")
     # an option given for the new method survives, whatever its place on the command line
-    assert load_config(base, ["method.temperature=4", "method.name=dml"]).method["temperature"] == 4.0
+    assert load_config(base, ["method.temperature=4", "method.name=dml"]).method.temperature == 4.0
     # naming the same method keeps the file's options
-    assert load_config(base, ["method.name=pcl"]).method["ema_decay"] == 0.99
+    assert load_config(base, ["method.name=pcl"]).method.ema_decay == 0.99
     child = write(tmp_path, "child.yml", "base: base.yml\nmethod: {name: one, rampup_epochs: 5}\n")
-    assert load_config(child).method == {"name": "one", "num_branches": 3, "temperature": 3.0,
+    assert load_config(child).to_dict()["method"] == {"name": "one", "num_branches": 3, "temperature": 3.0,
                                          "rampup_epochs": 5, "detach_teacher": True}
 
 
@@ -120,15 +120,15 @@ def test_method_flag_on_the_dataset_config():
     args = build_parser().parse_args(["--config", str(CONFIGS / "cifar100.yml"), "--method", "dml",
                                       "--model", "vgg16"])
     cfg = load_config(args.config, list(args.overrides) + flag_overrides(args))
-    assert (cfg.method["name"], cfg.model.name, cfg.data.name) == ("dml", "vgg16", "cifar100")
+    assert (cfg.method.name, cfg.model.name, cfg.data.name) == ("dml", "vgg16", "cifar100")
     assert cfg.run_name == "cifar100_vgg16_dml_seed0"
 
 
 def test_cl_form_fills_its_defaults():
-    assert load_config(None, ["method.name=cl"]).method["temperature"] == 2.0
+    assert load_config(None, ["method.name=cl"]).method.temperature == 2.0
     cfg = load_config(None, ["method.name=cl", "method.form=okddip"])
-    assert (cfg.method["temperature"], cfg.method["rampup_epochs"], cfg.method["detach_teacher"]) == (3.0, 80, False)
-    assert load_config(None, ["method.name=cl", "method.form=okddip", "method.temperature=4"]).method["temperature"] == 4.0
+    assert (cfg.method.temperature, cfg.method.rampup_epochs, cfg.method.detach_teacher) == (3.0, 80, False)
+    assert load_config(None, ["method.name=cl", "method.form=okddip", "method.temperature=4"]).method.temperature == 4.0
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -144,5 +144,5 @@ def test_bad_method_options_are_named(overrides, message):
 
     with pytest.raises(ConfigError, match=None) as err:
         cfg = load_config(None, overrides)
-        build_method(cfg.method["name"], backbone_spec("resnet8_tiny", 10), 10, method_options(cfg))
+        build_method(cfg.method.name, backbone_spec("resnet8_tiny", 10), 10, cfg.method)
     assert message in str(err.value)

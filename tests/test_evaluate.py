@@ -2,15 +2,15 @@
 import torch
 
 from okd.data import Normalizer
-from okd.methods import Method
-from okd.trainer import evaluate
+from okd.evaluate import evaluate
 
 
-class FixedLogits(Method):
-    """Returns preset logits for the images it is given (identified by their first pixel)."""
+class FixedLogits(torch.nn.Module):
+    """Returns preset logits for the images it is given (identified by their first pixel); evaluation
+    needs only ``evaluate_logits`` of the method contract."""
 
     def __init__(self, logits):
-        torch.nn.Module.__init__(self)
+        super().__init__()
         self.logits = logits
 
     def evaluate_logits(self, images):

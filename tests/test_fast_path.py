@@ -22,7 +22,7 @@ def one_step(method, views, labels, epoch=2, memory_format=torch.contiguous_form
     opt = torch.optim.SGD(method.parameter_groups(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     views = [v.contiguous(memory_format=memory_format) for v in views]
     feats, logits = method.net.peers.forward_views(views)
-    loss, terms = method.forward_train(views, labels, epoch)
+    loss, terms = method.training_loss(views, labels, epoch)
     opt.zero_grad()
     loss.backward()
     opt.step()

@@ -1,4 +1,4 @@
-"""Loss terms against hand-derived values (spec section 1)."""
+"""Loss terms against hand-derived values (docs/methods.md §1)."""
 import math
 
 import pytest

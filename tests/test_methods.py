@@ -1,4 +1,4 @@
-"""The seven comparison methods (spec sections 3-8): golden loss values, the full
+"""The seven comparison methods (docs/methods.md §3-8): golden loss values, the full
 loss re-derived from the networks' raw outputs with formulas written out here,
 and the gradient paths each method depends on."""
 import math
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from okd.methods import METHODS, build_method
-from okd.methods.cl import cl_kd
+from okd.losses import kd_to_others_mean
 from okd.methods.dml import dml_kd
 from okd.methods.ffl import ffl_kd
 from okd.methods.kdcl import minlogit_teacher
@@ -67,7 +67,7 @@ def test_dml_two_networks_hand_value():
 def test_cl_targets_are_the_other_heads_mean():
     z = FIXED
     expected = sum(softmax_kl(z[h], (z[(h + 1) % 3] + z[(h + 2) % 3]) / 2, 2.0) for h in range(3))
-    assert cl_kd(z, 2.0, True).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert kd_to_others_mean(z, 2.0, True).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 def test_one_gated_ensemble_hand_value():
@@ -133,20 +133,20 @@ def conv_bn_relu(x, conv, bn, groups=1):
 def test_vanilla_dml_kdcl_losses(epoch):
     views, y = batch(3)
     m = make("vanilla")
-    assert m.forward_train(views[:1], y, epoch)[0].item() == pytest.approx(
+    assert m.training_loss(views[:1], y, epoch)[0].item() == pytest.approx(
         F.cross_entropy(m.net.branch(m.net.trunk(views[0]))[1], y).item(), abs=1e-5)
 
     m = make("dml", temperature=2.0, rampup_epochs=80)
     z = [net.branch(net.trunk(views[0]))[1] for net in m.nets.nets]
     expected = sum(F.cross_entropy(zk, y) for zk in z) + rampup(epoch, 80) * sum(
         softmax_kl(z[k], z[l], 2.0) for k in range(3) for l in range(3) if l != k) / 2
-    assert m.forward_train(views[:1], y, epoch)[0].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert m.training_loss(views[:1], y, epoch)[0].item() == pytest.approx(expected.item(), abs=1e-5)
 
     m = make("kdcl", teacher="naive", kd_weight=0.7)
     z = [net.branch(net.trunk(v))[1] for net, v in zip(m.nets.nets, views)]  # one view per network
     teacher = (z[0] + z[1] + z[2]) / 3
     expected = sum(F.cross_entropy(zk, y) + 0.7 * softmax_kl(zk, teacher, 3.0) for zk in z)
-    assert m.forward_train(views, y, epoch)[0].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert m.training_loss(views, y, epoch)[0].item() == pytest.approx(expected.item(), abs=1e-5)
 
 
 @pytest.mark.parametrize("form", ["paper", "okddip"])
@@ -161,7 +161,7 @@ def test_cl_loss(form):
         expected = 0.5 * ce + 0.5 * kd(2.0)
     else:  # weights 1 and 1, T = 3, 80-epoch ramp-up
         expected = ce + rampup(20, 80) * kd(3.0)
-    assert m.forward_train(views, y, 20)[0].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert m.training_loss(views, y, 20)[0].item() == pytest.approx(expected.item(), abs=1e-5)
 
 
 def test_one_loss():
@@ -176,7 +176,7 @@ def test_one_loss():
     z_e = sum(gate[:, j:j + 1] * z[j] for j in range(3))
     expected = sum(F.cross_entropy(zj, y) for zj in z) + F.cross_entropy(z_e, y) + rampup(30, 80) * sum(
         softmax_kl(zj, z_e, 3.0) for zj in z)
-    assert m.forward_train(views, y, 30)[0].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert m.training_loss(views, y, 30)[0].item() == pytest.approx(expected.item(), abs=1e-5)
 
 
 def test_ffl_loss():
@@ -193,7 +193,7 @@ def test_ffl_loss():
     z_bar = (z[0] + z[1] + z[2]) / 3
     expected = sum(F.cross_entropy(zj, y) for zj in z) + F.cross_entropy(z_f, y) + rampup(50, 80) * (
         sum(softmax_kl(zj, z_f, 3.0) for zj in z) + softmax_kl(z_f, z_bar, 3.0))
-    assert m.forward_train(views, y, 50)[0].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert m.training_loss(views, y, 50)[0].item() == pytest.approx(expected.item(), abs=1e-5)
 
 
 def test_okddip_loss():
@@ -214,7 +214,7 @@ def test_okddip_loss():
         t_a = alpha[:, :1] * peers[0] + alpha[:, 1:] * peers[1]
         kd = kd + softmax_kl(peers[a], t_a, 3.0)
     expected = expected + 0.5 * rampup(60, 80) * kd
-    assert m.forward_train(views, y, 60)[0].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert m.training_loss(views, y, 60)[0].item() == pytest.approx(expected.item(), abs=1e-5)
 
 
 # ---------------------------------------------------------------- gradient paths
@@ -227,7 +227,7 @@ def grads(module, loss):
 def test_cl_trunk_gradient_is_the_mean_of_the_heads_gradients():
     views, y = batch()
     m = make("cl")
-    loss, _ = m.forward_train(views, y, 0)
+    loss, _ = m.training_loss(views, y, 0)
     rescaled = grads(m.net.trunk, loss)
     # per-head losses through an un-rescaled trunk: 0.5 CE_h + 0.5 KD_2(z_h <- sg(mean of the others))
     shared = m.net.trunk(views[0])
@@ -245,8 +245,8 @@ def test_cl_trunk_gradient_is_the_mean_of_the_heads_gradients():
 def test_cl_without_rescaling_gets_the_sum():
     views, y = batch()
     m1, m2 = make("cl"), make("cl", grad_rescale=False)
-    g1 = grads(m1.net.trunk, m1.forward_train(views, y, 0)[0])
-    g2 = grads(m2.net.trunk, m2.forward_train(views, y, 0)[0])
+    g1 = grads(m1.net.trunk, m1.training_loss(views, y, 0)[0])
+    g2 = grads(m2.net.trunk, m2.training_loss(views, y, 0)[0])
     for a, b in zip(g1, g2):
         assert torch.allclose(3 * a, b, atol=1e-6, rtol=1e-4)
 
@@ -257,7 +257,7 @@ def test_teacher_gets_no_gradient_from_kd_terms(name, teacher):
     views, y = batch(3)
     m = make(name)
     module = m.get_submodule(teacher)
-    low, high = m.forward_train(views, y, 0)[0], m.forward_train(views, y, 80)[0]
+    low, high = m.training_loss(views, y, 0)[0], m.training_loss(views, y, 80)[0]
     for a, b in zip(grads(module, low), grads(module, high)):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
     # while the students' gradients do change with the KD weight
@@ -288,7 +288,7 @@ def test_ffl_fusion_has_its_own_weight_decay():
 def test_pcl_temporal_mean_gets_no_gradient():
     views, y = batch(3)
     m = make("pcl")
-    m.forward_train(views, y, 80)[0].backward()
+    m.training_loss(views, y, 80)[0].backward()
     assert all(p.grad is None for p in m.mean.parameters())
     assert not any(p.requires_grad for p in m.mean.parameters())
 
@@ -296,13 +296,13 @@ def test_pcl_temporal_mean_gets_no_gradient():
 def test_okddip_attention_is_trained_through_the_peer_targets():
     views, y = batch()
     m = make("okddip")
-    at_one = grads(m.attention, m.forward_train(views, y, 80)[0])
+    at_one = grads(m.attention, m.training_loss(views, y, 80)[0])
     assert all(g is not None and g.abs().sum() > 0 for g in at_one)
     # the attention's gradient comes only from KD: it scales with the KD weight
     m0 = make("okddip", kd_weight=0.0)
-    assert all(g is None or g.abs().sum() == 0 for g in grads(m0.attention, m0.forward_train(views, y, 80)[0]))
+    assert all(g is None or g.abs().sum() == 0 for g in grads(m0.attention, m0.training_loss(views, y, 80)[0]))
     m2 = make("okddip", kd_weight=2.0)
-    for g1, g2 in zip(at_one, grads(m2.attention, m2.forward_train(views, y, 80)[0])):
+    for g1, g2 in zip(at_one, grads(m2.attention, m2.training_loss(views, y, 80)[0])):
         assert torch.allclose(2 * g1, g2, atol=1e-7, rtol=1e-4)
 
 

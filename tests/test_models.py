@@ -1,4 +1,4 @@
-"""Backbones: exact parameter counts from spec section 12, trunk/branch split, independent branches."""
+"""Backbones: exact parameter counts from docs/methods.md §12, trunk/branch split, independent branches."""
 import pytest
 import torch
 
@@ -11,7 +11,7 @@ def count(module):
     return sum(p.numel() for p in module.parameters())
 
 
-# spec section 12: (params @10 classes, params @100 classes, shared trunk, one branch @100 classes)
+# docs/methods.md §12: (params @10 classes, params @100 classes, shared trunk, one branch @100 classes)
 SPEC = {
     "resnet32": (466_906, 472_756, 112_592, 360_164),
     "resnet110": (1_147_738, 1_170_868, 275_280, 895_588),

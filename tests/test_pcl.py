@@ -1,4 +1,4 @@
-"""PCL's loss (spec section 9) against an independent few-line formula, and its gradient paths."""
+"""PCL's loss (docs/methods.md §9) against an independent few-line formula, and its gradient paths."""
 import math
 
 import pytest
@@ -23,7 +23,7 @@ def softmax_kl(student, teacher, T):
 
 
 def independent_loss(method, views, labels, epoch, R=80, T=3.0):
-    """Re-derive L from the networks' raw outputs (spec section 9)."""
+    """Re-derive L from the networks' raw outputs (docs/methods.md §9)."""
     m = len(views)
     peers, mean_peers = method.net.peers, method.mean.module.peers
     feats, logits = [], []
@@ -54,14 +54,15 @@ def test_loss_matches_independent_formula(epoch):
         for p in method.mean.parameters():
             p.add_(0.05 * torch.randn_like(p))
     state = {k: v.clone() for k, v in method.state_dict().items()}
-    loss, terms = method.forward_train(views, labels, epoch)
+    loss, terms = method.training_loss(views, labels, epoch)
     method.load_state_dict(state)  # undo BN running-stat updates before the second pass
     expected = independent_loss(method, views, labels, epoch)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert set(terms) == {"ce_ensemble", "ce_peers", "kd_ensemble", "kd_mean"}
-    w = math.exp(-5 * (1 - min(epoch, 80) / 80) ** 2)
-    recombined = terms["ce_ensemble"] + terms["ce_peers"] + w * (terms["kd_ensemble"] + terms["kd_mean"])
+    # the logged terms are weighted: they add up to the loss, and the KD weight is the ramp-up's
+    recombined = terms["ce_ensemble"] + terms["ce_peers"] + terms["kd_ensemble"] + terms["kd_mean"]
     assert loss.item() == pytest.approx(recombined.item(), rel=1e-6)
+    assert method.kd_weight(epoch) == pytest.approx(math.exp(-5 * (1 - min(epoch, 80) / 80) ** 2), rel=1e-12)
 
 
 def test_two_peers_and_temperature_option():
@@ -70,7 +71,7 @@ def test_two_peers_and_temperature_option():
     views = [torch.randn(4, 3, 32, 32) for _ in range(2)]
     labels = torch.tensor([0, 1, 2, 3])
     state = {k: v.clone() for k, v in method.state_dict().items()}
-    loss, _ = method.forward_train(views, labels, 3)
+    loss, _ = method.training_loss(views, labels, 3)
     method.load_state_dict(state)
     assert loss.item() == pytest.approx(independent_loss(method, views, labels, 3, R=10, T=2.0).item(), rel=1e-5)
 
@@ -80,7 +81,7 @@ def test_ensemble_classifier_gets_gradient_only_from_its_ce():
     views = [torch.randn(5, 3, 32, 32) for _ in range(3)]
     labels = torch.tensor([0, 1, 2, 3, 4])
     state = {k: v.clone() for k, v in method.state_dict().items()}
-    loss, _ = method.forward_train(views, labels, 80)  # full KD weight
+    loss, _ = method.training_loss(views, labels, 80)  # full KD weight
     loss.backward()
     grad_full = method.net.ensemble_fc.weight.grad.clone()
     method.zero_grad()
@@ -93,7 +94,7 @@ def test_ensemble_classifier_gets_gradient_only_from_its_ce():
 def test_temporal_mean_receives_no_gradient_and_is_not_trained():
     method = make_pcl().train()
     views = [torch.randn(4, 3, 32, 32) for _ in range(3)]
-    loss, _ = method.forward_train(views, torch.tensor([0, 1, 2, 3]), 80)
+    loss, _ = method.training_loss(views, torch.tensor([0, 1, 2, 3]), 80)
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in method.mean.parameters())
     trainable = {id(p) for g in method.parameter_groups() for p in g["params"]}
@@ -128,7 +129,7 @@ def test_temporal_mean_batchnorm_statistics_are_its_own():
         for p in method.mean.parameters():
             p.mul_(1.5)
     views = [torch.randn(4, 3, 32, 32) + v for v in range(3)]
-    method.forward_train(views, torch.tensor([0, 1, 2, 3]), 0)
+    method.training_loss(views, torch.tensor([0, 1, 2, 3]), 0)
     stem_conv = method.mean.module.peers.trunk[0]
     bn = method.mean.module.peers.trunk[1]
     expected = torch.zeros(bn.num_features)

@@ -29,7 +29,7 @@ def test_every_method_steps_on_every_backbone(name, backbone):
     opt = torch.optim.SGD(method.parameter_groups(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     views = [torch.randn(2, 3, 32, 32) for _ in range(method.num_views)]
     before = [p.detach().clone() for g in method.parameter_groups() for p in g["params"]]
-    loss, terms = method.forward_train(views, torch.tensor([3, 97]), 10)
+    loss, terms = method.training_loss(views, torch.tensor([3, 97]), 10)
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in terms.values())
     opt.zero_grad()
     loss.backward()
@@ -49,7 +49,7 @@ def test_pcl_step_on_every_backbone(name):
     opt = torch.optim.SGD(method.parameter_groups(), lr=0.1, momentum=0.9, nesterov=True)
     views = [torch.randn(2, 3, 32, 32) for _ in range(3)]
     before = [p.detach().clone() for p in method.mean.parameters()]
-    loss, terms = method.forward_train(views, torch.tensor([3, 97]), 10)
+    loss, terms = method.training_loss(views, torch.tensor([3, 97]), 10)
     assert torch.isfinite(loss)
     opt.zero_grad()
     loss.backward()

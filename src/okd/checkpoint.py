@@ -14,13 +14,16 @@ be named as such instead of failing somewhere inside unpickling.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -35,11 +38,20 @@ def previous_path(path: Path) -> Path:
     return path.with_name(path.stem + ".prev" + path.suffix)
 
 
+class DiskFullError(CheckpointError):
+    """The checkpoint did not fit on its file system; the previous one is intact."""
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
 def save_atomic(obj: Dict[str, Any], path: Path, keep_previous: bool = False) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``.
 
     A kill at any moment leaves either the old or the new file complete; with
-    ``keep_previous`` the old one is kept as ``<name>.prev.pt``.
+    ``keep_previous`` the old one is kept as ``<name>.prev.pt``. A failed write
+    removes its temporary files; a full disk is a ``DiskFullError`` naming the
+    file and the space it needs.
     """
     path = Path(path)
     buf = io.BytesIO()
@@ -47,21 +59,58 @@ def save_atomic(obj: Dict[str, Any], path: Path, keep_previous: bool = False) ->
     payload = buf.getbuffer()
     header = f"{FORMAT} {VERSION} {hashlib.sha256(payload).hexdigest()} {len(payload)}\n".encode()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(header)
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if keep_previous and path.exists():
-        # link (or copy) the old file to <name>.prev first, so that <name> itself never goes missing
-        prev_tmp = path.with_name(f".{path.name}.prev{os.getpid()}")
-        try:
-            os.link(path, prev_tmp)
-        except OSError:  # a filesystem without hard links
-            shutil.copy2(path, prev_tmp)
-        os.replace(prev_tmp, previous_path(path))
-    os.replace(tmp, path)
+    prev_tmp = path.with_name(f".{path.name}.prev{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            _write(fh, header, payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if keep_previous and path.exists():
+            # link (or copy) the old file to <name>.prev first, so that <name> itself never goes missing
+            try:
+                os.link(path, prev_tmp)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(path, prev_tmp)
+            os.replace(prev_tmp, previous_path(path))
+        os.replace(tmp, path)
+    except BaseException as exc:
+        for leftover in (tmp, prev_tmp):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            free = shutil.disk_usage(path.parent).free
+            raise DiskFullError(
+                f"no space left on the device writing '{path}': it needs {_mb(len(header) + len(payload))} and "
+                f"{_mb(free)} are free; free some space (or set output.root elsewhere) and rerun the same command; "
+                f"the previous checkpoint is kept") from None
+        raise
     _fsync_dir(path.parent)
+
+
+def _write(fh, header: bytes, payload) -> None:
+    fh.write(header)
+    fh.write(payload)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2 ** 20:.1f} MB"
+
+
+def remove_temporaries(folder: Path) -> List[Path]:
+    """Delete the temporary files of writes that never finished (a killed or failed earlier run).
+
+    Only call this while holding the run directory's lock: nobody else writes there then.
+    """
+    removed = []
+    for leftover in Path(folder).glob(".*.pt.*"):
+        if TEMPORARY.fullmatch(leftover.name):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+                removed.append(leftover)
+    return removed
+
+
+TEMPORARY = re.compile(r"\.[^/]+\.pt\.(tmp|prev)\d+")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -8,6 +8,8 @@ finished run is not retrained, and an existing run is only replaced with
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import platform
 import shlex
@@ -20,16 +22,20 @@ from typing import Dict, List, Optional
 import torch
 import yaml
 
-from . import checkpoint
-from .config import Config, dump_yaml, load_config, method_options
+from . import checkpoint, checkpointing, distributed, runlock
+from .checkpointing import CheckpointPolicy
+from .config import Config, default_tree, dump_yaml, load_config
 from .data import load_dataset
-from .errors import CheckpointError, ConfigError, DataError, OkdError
-from . import distributed
 from .distributed import DistInfo
+from .errors import CheckpointError, ConfigError, DataError, OkdError
 from .logger import NullLogger, RunLogger
-from .methods import build_method
+from .methods import Method, build_method
 from .models import backbone_spec
-from .trainer import Interrupted, Trainer
+from .models.view_bn import convert_sync_batchnorm
+from .run_state import RunState
+from .signals import Interrupted
+from .step import Optimization
+from .trainer import Trainer
 
 # Keys that may change when a run is continued: they do not alter what is computed.
 RESUMABLE_KEYS = {"train.epochs", "device", "train.log_every", "train.eval_every", "train.eval_batch_size",
@@ -85,7 +91,11 @@ def flatten(tree: Dict, prefix: str = "") -> Dict:
 
 
 def config_differences(old: Dict, new: Dict) -> List[str]:
+    """The keys that differ and matter; a key an older okd did not write counts as its default."""
     a, b = flatten(old), flatten(new)
+    method = (new.get("method") or {}).get("name")
+    if method is not None and (old.get("method") or {}).get("name") == method:
+        a = {**flatten(default_tree(method)), **a}
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)]
 
@@ -130,7 +140,7 @@ def move_aside(run_dir: Path) -> None:
 def check_run_dir(cfg: Config, overwrite: bool) -> Optional[Path]:
     """Read-only check of the run directory; returns the last.pt to resume from, if any."""
     run_dir = cfg.run_dir
-    if overwrite or not run_dir.exists() or not any(run_dir.iterdir()):
+    if overwrite or not run_dir.exists() or not any(p.name != runlock.LOCK_NAME for p in run_dir.iterdir()):
         return None
     saved = run_dir / "config.yaml"
     if not saved.is_file():
@@ -153,7 +163,33 @@ def run(args) -> int:
     dist = distributed.info_from_env()
     # flags are applied after the dotted overrides: an explicit --model beats model.name=...
     cfg = load_config(args.config, list(args.overrides) + flag_overrides(args))
-    options = method_options(cfg)
+    device = prepare_runtime(cfg, dist)
+    runlock.check_free(cfg.run_dir)  # read-only: a busy run directory is refused before any work
+    blob, resume_from = find_checkpoint(cfg, args)
+    if blob is not None and not args.resume and blob["epoch"] >= cfg.train.epochs:
+        # a finished cell of a table costs nothing to skip: no data is loaded
+        if dist.is_main:
+            print(f"okd: run '{cfg.run_dir}' already finished ({blob['epoch']}/{cfg.train.epochs} epochs); "
+                  f"raise train.epochs to continue or pass --overwrite to start over")
+        return 0
+    dataset = load_checked_dataset(cfg)
+    method = build_run_method(cfg, dataset.num_classes, device)
+    distributed.init(dist, device)
+    optimization = Optimization.build(cfg, method, device)
+    # the checkpoint is loaded before anything is written: one that does not fit leaves no trace
+    state = checkpointing.restore(blob, resume_from, cfg, method, optimization) if blob else RunState()
+    with open_run_dir(cfg, args.overwrite, dist, resume_epoch=state.epoch) as log:
+        log_header(log, cfg, dataset, method, device, dist, state, resume_from)
+        if state.epoch < cfg.train.epochs:
+            checkpoints = CheckpointPolicy(cfg.run_dir if dist.is_main else None, cfg.checkpoint.every_n_steps)
+            Trainer(cfg, method, dataset, device, optimization, state, checkpoints, log, dist).fit()
+        if state.last:
+            log.info(state.summary_line())
+    return 0
+
+
+def prepare_runtime(cfg: Config, dist: DistInfo) -> torch.device:
+    """Checks that need the process layout, then the device and CPU threads."""
     if cfg.train.batch_size % dist.world_size:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} (the global batch) is not divisible by the "
                           f"torchrun world size {dist.world_size}; pick a batch size that is")
@@ -162,92 +198,100 @@ def run(args) -> int:
         raise ConfigError("train.sync_bn needs torchrun on CUDA devices; set train.sync_bn=false")
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // local_procs))
+    return device
+
+
+def find_checkpoint(cfg: Config, args):
+    """(checkpoint blob, its path) to continue from: --resume, else the run's last.pt; (None, None) for a new run."""
     if args.resume and not Path(args.resume).is_file():
         raise CheckpointError(f"--resume checkpoint '{args.resume}' does not exist")
-
     # always check the run directory, so --resume cannot write into another experiment's run
     last = check_run_dir(cfg, args.overwrite)
     if args.resume:
-        state, resume_from = checkpoint.load(Path(args.resume)), Path(args.resume)
-    elif last is not None:
-        state, resume_from = checkpoint.load_latest(last)
-    else:
-        state, resume_from = None, None
-    if state is not None and not args.resume and state["epoch"] >= cfg.train.epochs:
-        # a finished cell of a table costs nothing to skip: no data is loaded
-        if dist.is_main:
-            print(f"okd: run '{cfg.run_dir}' already finished ({state['epoch']}/{cfg.train.epochs} epochs); "
-                  f"raise train.epochs to continue or pass --overwrite to start over")
-        return 0
+        return checkpoint.load(Path(args.resume)), Path(args.resume)
+    if last is not None:
+        return checkpoint.load_latest(last)
+    return None, None
 
+
+def load_checked_dataset(cfg: Config):
     dataset = load_dataset(cfg.data)
     if cfg.model.num_classes is not None and cfg.model.num_classes != dataset.num_classes:
         raise DataError(f"model.num_classes is {cfg.model.num_classes} but dataset '{cfg.data.name}' has "
                         f"{dataset.num_classes} classes; set model.num_classes={dataset.num_classes} or null")
     if cfg.train.batch_size > len(dataset.train):
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} exceeds the {len(dataset.train)} training images")
+    return dataset
 
+
+def build_run_method(cfg: Config, num_classes: int, device: torch.device) -> Method:
     torch.manual_seed(cfg.seed)  # the seed alone fixes the initial weights, on every rank
-    method = build_method(cfg.method["name"], backbone_spec(cfg.model.name, dataset.num_classes),
-                          dataset.num_classes, options)
+    spec = backbone_spec(cfg.model.name, num_classes, **cfg.model_options())
+    method = build_method(cfg.method.name, spec, num_classes, cfg.method)
     if cfg.train.sync_bn:
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        method = convert_sync_batchnorm(method)  # per-view statistics kept under method.fused_views
     method = method.to(device)
-    if cfg.train.channels_last:
-        method = method.to(memory_format=torch.channels_last)
+    return method.to(memory_format=torch.channels_last) if cfg.train.channels_last else method
 
-    distributed.init(dist, device)
-    # the trainer is built, and a checkpoint loaded into it, before anything is written:
-    # a checkpoint that does not fit leaves no trace
-    trainer = Trainer(cfg, method, dataset, device, NullLogger(), dist)
-    if state is not None:
-        trainer.load_state_dict(state, resume_from)
 
-    run_dir = cfg.run_dir
+@contextlib.contextmanager
+def open_run_dir(cfg: Config, overwrite: bool, dist: DistInfo, resume_epoch: int):
+    """Rank 0 locks the run directory, writes config.yaml and opens the logs; yields the logger."""
+    lock, error = None, None
     if dist.is_main:
-        if args.overwrite:
-            move_aside(run_dir)  # only now: a mistake found above leaves the old run untouched
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        except OSError as exc:
-            raise OkdError(f"cannot write the run directory '{run_dir}' ({exc.strerror}); "
-                           f"set output.root to a writable folder") from None
-    distributed.barrier()
-    log = RunLogger(run_dir, state["epoch"] if state else 0) if dist.is_main else NullLogger()
-    trainer.log = log
+            lock = claim_run_dir(cfg, overwrite)
+        except OkdError as exc:
+            error = exc
+    if not distributed.all_agree(error is None):
+        raise error or OkdError("rank 0 could not open the run directory; see its message")
+    log = RunLogger(cfg.run_dir, resume_epoch) if dist.is_main else NullLogger()
     try:
-        log.info(f"command: {shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])}")
-        log.info(f"okd run '{run_dir}' | git {git_commit()} | torch {torch.__version__} | python "
-                 f"{platform.python_version()} | device {device} | threads {torch.get_num_threads()}"
-                 + (f" | torchrun world size {dist.world_size}" if dist.enabled else ""))
-        log.info(f"data {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images, "
-                 f"{dataset.num_classes} classes | model {cfg.model.name} | method {cfg.method['name']} | "
-                 f"trainable parameters {sum(p.numel() for g in method.parameter_groups() for p in g['params']):,}")
-        if state is not None:
-            where = f", batch {trainer.batch_in_epoch} of epoch {trainer.epoch + 1}" if trainer.batch_in_epoch else ""
-            log.info(f"resumed from '{resume_from}' at epoch {trainer.epoch}{where}, step {trainer.global_step}")
-        if trainer.epoch >= cfg.train.epochs:
-            log.info(f"run already finished ({trainer.epoch}/{cfg.train.epochs} epochs); "
-                     f"raise train.epochs to continue or pass --overwrite to start over")
-        else:
-            main_only = (lambda fn: fn) if dist.is_main else (lambda fn: lambda t: None)
-            trainer.fit(
-                save_last=main_only(lambda t: checkpoint.save_atomic(
-                    {**t.state_dict(), "deploy": t.method.deployable_state_dict()}, run_dir / "last.pt",
-                    keep_previous=True)),
-                save_best=main_only(lambda t: checkpoint.save_atomic(best_payload(t), run_dir / "best.pt")))
-        if trainer.last:
-            log.info(trainer.summary_line())
+        if lock is not None and lock.took_over:
+            log.info(f"took over the stale lock of {lock.took_over}, which ended without releasing it")
+        yield log
     finally:
         log.close()
-    return 0
+        if lock is not None:
+            lock.release()
 
 
-def best_payload(trainer: Trainer) -> Dict:
-    state = trainer.state_dict()
-    keep = ("epoch", "global_step", "method_name", "model_name", "num_classes", "best", "last", "config")
-    return {**{k: state[k] for k in keep}, "deploy": trainer.method.deployable_state_dict()}
+def claim_run_dir(cfg: Config, overwrite: bool) -> runlock.RunLock:
+    run_dir = cfg.run_dir
+    try:
+        if overwrite and run_dir.exists() and any(run_dir.iterdir()):
+            # lock the old run while moving it aside (only now: a mistake found earlier leaves it untouched)
+            old = runlock.RunLock(run_dir).acquire()
+            try:
+                move_aside(run_dir)
+            finally:
+                old.release()
+        lock = runlock.RunLock(run_dir).acquire()
+        checkpoint.remove_temporaries(run_dir)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        return lock
+    except OSError as exc:
+        raise OkdError(f"cannot write the run directory '{run_dir}' ({exc.strerror}); "
+                       f"set output.root to a writable folder") from None
+
+
+def log_header(log, cfg: Config, dataset, method: Method, device, dist: DistInfo, state: RunState,
+               resume_from: Optional[Path]) -> None:
+    model = ", ".join(f"{k} {v}" for k, v in cfg.model_options().items())
+    log.info(f"command: {shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])}")
+    log.info(f"okd run '{cfg.run_dir}' | git {git_commit()} | torch {torch.__version__} | python "
+             f"{platform.python_version()} | device {device} | threads {torch.get_num_threads()}"
+             + (f" | torchrun world size {dist.world_size}" if dist.enabled else ""))
+    log.info(f"data {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images, "
+             f"{dataset.num_classes} classes | model {cfg.model.name}{f' ({model})' if model else ''} | method "
+             f"{cfg.method.name} | trainable parameters "
+             f"{sum(p.numel() for g in method.parameter_groups() for p in g['params']):,}")
+    if resume_from is not None:
+        where = f", batch {state.batch_in_epoch} of epoch {state.epoch + 1}" if state.batch_in_epoch else ""
+        log.info(f"resumed from '{resume_from}' at epoch {state.epoch}{where}, step {state.step}")
+    if state.epoch >= cfg.train.epochs:
+        log.info(f"run already finished ({state.epoch}/{cfg.train.epochs} epochs); "
+                 f"raise train.epochs to continue or pass --overwrite to start over")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -260,6 +304,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 128 + exc.signum
     except OkdError as exc:
         print(f"okd: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in checkpoint.NO_SPACE:
+            raise
+        where = f" writing '{exc.filename}'" if exc.filename else ""
+        print(f"okd: error: no space left on the device{where}; free some space and rerun the same command "
+              f"(the last checkpoint is kept)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("okd: interrupted; rerun the same command to continue from the last checkpoint", file=sys.stderr)

@@ -4,7 +4,8 @@ One YAML file is the single source of truth of an experiment. Every key has a
 default here; an experiment file only states what differs. ``base: other.yml``
 inherits another file (paths relative to the including file). The ``method``
 section's schema depends on ``method.name``: each method registers an options
-dataclass (see ``okd.methods``), so its defaults also live next to its code.
+dataclass (see ``okd.methods``), so its defaults also live next to its code,
+and ``Config.method`` is that dataclass (``cfg.method.name`` is the method).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .errors import ConfigError
+from .methods import METHODS, MethodOptions
+from .models import backbone_options
 from .registry import closest
 
 
@@ -39,6 +42,8 @@ class DataConfig:
 class ModelConfig:
     name: str = "resnet32"
     num_classes: Optional[int] = None  # null: taken from the data
+    dropout: Optional[float] = None  # VGG branch dropout; null: the method's default (0.5 ONE/CL/OKDDip, else 0)
+    final_norm: Optional[bool] = None  # DenseNet's final BatchNorm; null: true (false: the PCL reproduction's)
 
 
 @dataclass
@@ -89,7 +94,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: Dict[str, Any] = field(default_factory=lambda: {"name": "pcl"})
+    method: MethodOptions = field(default_factory=lambda: METHODS.get("pcl").Options())
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -100,14 +105,24 @@ class Config:
     def run_name(self) -> str:
         if self.output.run_name:
             return self.output.run_name
-        return f"{self.data.name}_{self.model.name}_{self.method['name']}_seed{self.seed}"
+        return f"{self.data.name}_{self.model.name}_{self.method.name}_seed{self.seed}"
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output.root) / self.run_name
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        tree = dataclasses.asdict(self)
+        tree["method"] = {"name": self.method.name, **tree["method"]}
+        return tree
+
+    def model_options(self) -> Dict[str, Any]:
+        """Keyword options of the backbone: the ``model`` keys it takes, nulls resolved."""
+        takes = backbone_options(self.model.name)
+        options = {"dropout": self.model.dropout, "final_norm": self.model.final_norm}
+        if options["dropout"] is None and "dropout" in takes:
+            options["dropout"] = METHODS.get(self.method.name).branch_dropout
+        return {k: v for k, v in options.items() if k in takes and v is not None}
 
 
 # ---------------------------------------------------------------- loading
@@ -258,8 +273,6 @@ def build_dataclass(cls, values: Dict[str, Any], prefix: str):
 
 
 def config_from_dict(tree: Dict[str, Any]) -> Config:
-    from .methods import METHODS  # the method registry owns each method's option schema
-
     tree = dict(tree)
     method_tree = tree.pop("method", None) or {}
     if not isinstance(method_tree, dict):
@@ -268,18 +281,15 @@ def config_from_dict(tree: Dict[str, Any]) -> Config:
     method_tree = dict(method_tree)
     name = method_tree.pop("name", "pcl")
     method_cls = METHODS.get(coerce(name, str, "method.name"))
-    options = build_dataclass(method_cls.Options, method_tree, "method.")
-    cfg.method = {"name": METHODS.canonical(name), **dataclasses.asdict(options)}
+    cfg.method = build_dataclass(method_cls.Options, method_tree, "method.")
+    cfg.method.check()
     validate(cfg)
     return cfg
 
 
-def method_options(cfg: Config):
-    """The chosen method's options dataclass, rebuilt from the resolved config."""
-    from .methods import METHODS
-
-    opts = {k: v for k, v in cfg.method.items() if k != "name"}
-    return build_dataclass(METHODS.get(cfg.method["name"]).Options, opts, "method.")
+def default_tree(method_name: str) -> Dict[str, Any]:
+    """Every key's default value, the method section being ``method_name``'s."""
+    return Config(method=METHODS.get(method_name).Options()).to_dict()
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -340,6 +350,13 @@ def validate(cfg: Config) -> None:
             _positive(value, f"data.{key}")
     if cfg.model.num_classes is not None:
         _positive(cfg.model.num_classes, "model.num_classes")
+    for key in ("dropout", "final_norm"):
+        if getattr(cfg.model, key) is not None and key not in backbone_options(cfg.model.name):
+            which = [b for b in BACKBONES if key in backbone_options(b)]
+            raise ConfigError(f"config key 'model.{key}' does not apply to {cfg.model.name} (only to "
+                              f"{', '.join(which)}); leave it null")
+    if cfg.model.dropout is not None and not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got '{dev}'")

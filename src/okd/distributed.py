@@ -53,9 +53,14 @@ def info_from_env() -> DistInfo:
     return DistInfo(int(env.get("RANK", 0)), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
 
 
+_device = torch.device("cpu")  # where collective tensors live (cuda:LOCAL_RANK under NCCL)
+
+
 def init(info: DistInfo, device: torch.device) -> None:
+    global _device
     if not info.enabled or dist.is_initialized():
         return
+    _device = device
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kwargs)
@@ -81,6 +86,15 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def all_agree(ok: bool) -> bool:
+    """True when ``ok`` holds on every rank (lets all ranks stop together when one cannot go on)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=_device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not bool(flag.item())
 
 
 @torch.no_grad()

@@ -1,9 +1,16 @@
 """Run outputs: plain-text log, JSON-lines metrics, TensorBoard scalars, progress.
 
 All scalars go through ``RunLogger`` under stable names: ``train/loss/<term>``,
-``train/lr``, ``val/acc/<model>`` (top-1), ``val/acc5/<model>`` (top-5) and
-``val/summary/<key>``. The TensorBoard step and the JSON ``epoch`` field are
-the number of completed epochs (1-based).
+``train/kd_weight``, ``train/lr``, ``val/acc/<model>`` (top-1), ``val/acc5/<model>``
+(top-5) and ``val/summary/<key>``. The TensorBoard step and the JSON ``epoch``
+field are the number of completed epochs (1-based).
+
+``metrics.jsonl`` format versions (field ``metrics_version``; absent = 1):
+1. ``train.loss.<term>`` are the method's raw terms before their weights, so
+   they do not add up to ``train.loss.total``;
+2. ``train.loss.<term>`` are the weighted terms (ramp-up and coefficients
+   applied), summing to ``train.loss.total``; ``train.kd_weight`` is the factor
+   on the distillation terms in that epoch (null for methods without KD).
 """
 from __future__ import annotations
 
@@ -30,6 +37,9 @@ def text_logger(log_file: Path) -> logging.Logger:
     logger.addHandler(fh)
     logger.addHandler(sh)
     return logger
+
+
+METRICS_VERSION = 2
 
 
 class RunLogger:
@@ -65,6 +75,8 @@ class RunLogger:
             fh.write(json.dumps(record) + "\n")
         for term, value in record.get("train", {}).get("loss", {}).items():
             self.tb.add_scalar(f"train/loss/{term}", value, epoch)
+        if record.get("train", {}).get("kd_weight") is not None:
+            self.tb.add_scalar("train/kd_weight", record["train"]["kd_weight"], epoch)
         if "lr" in record:
             self.tb.add_scalar("train/lr", record["lr"], epoch)
         if "img_per_s" in record.get("train", {}):

@@ -1,8 +1,15 @@
-"""Name -> builder registries filled by decorators (torchdistill style)."""
+"""Name -> builder registries filled by decorators (torchdistill style), and module discovery.
+
+A registry's package imports every module in its folder (``import_submodules``),
+so a new method, backbone or dataset is one new file with a decorator: no other
+file lists it. An unknown name says where a new entry would go.
+"""
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Dict, Generic, Iterator, TypeVar
+import importlib
+import pkgutil
+from typing import Callable, Dict, Generic, Iterable, Iterator, Optional, TypeVar
 
 from .errors import ConfigError
 
@@ -15,16 +22,29 @@ def closest(name: str, choices) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def import_submodules(package: str, path: Iterable[str]) -> None:
+    """Import every module of a package folder (registration side effects)."""
+    for info in sorted(pkgutil.iter_modules(path), key=lambda i: i.name):
+        importlib.import_module(f"{package}.{info.name}")
+
+
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    """``kind`` names what it holds; ``hint`` says how to add an entry (shown for unknown names)."""
+
+    def __init__(self, kind: str, hint: str = "", on_register: Optional[Callable[[str, T], None]] = None):
         self.kind = kind
+        self.hint = hint
+        self.on_register = on_register
         self._entries: Dict[str, T] = {}
         self._aliases: Dict[str, str] = {}
 
     def register(self, name: str, *aliases: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
-            if name in self._entries or name in self._aliases:
-                raise ValueError(f"{self.kind} '{name}' registered twice")
+            for key in (name, *aliases):
+                if key in self._entries or key in self._aliases:
+                    raise ValueError(f"{self.kind} '{key}' registered twice")
+            if self.on_register is not None:
+                self.on_register(name, obj)
             self._entries[name] = obj
             for alias in aliases:
                 self._aliases[alias] = name
@@ -38,9 +58,10 @@ class Registry(Generic[T]):
         if name in self._aliases:
             return self._aliases[name]
         valid = sorted(self._entries)
+        hint = f"; {self.hint.format(name=name)}" if self.hint else ""
         raise ConfigError(
             f"unknown {self.kind} '{name}'{closest(name, valid + sorted(self._aliases))}; "
-            f"valid: {', '.join(valid)}"
+            f"valid: {', '.join(valid)}{hint}"
         )
 
     def get(self, name: str) -> T:

@@ -1,4 +1,11 @@
+"""Datasets and the training batch stream. Importing this package imports every module in it,
+so a dataset loader in a new file here, decorated with ``@DATASETS.register``, is found."""
+from ..registry import import_submodules
 from .augment import EpochDraws, Normalizer, crop_flip, derive_seed
 from .datasets import DATASETS, Dataset, Split, load_dataset
+from .stream import Batch, BatchStream
 
-__all__ = ["DATASETS", "Dataset", "EpochDraws", "Normalizer", "Split", "crop_flip", "derive_seed", "load_dataset"]
+import_submodules(__name__, __path__)
+
+__all__ = ["DATASETS", "Batch", "BatchStream", "Dataset", "EpochDraws", "Normalizer", "Split", "crop_flip",
+           "derive_seed", "load_dataset"]

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from ..errors import DataError
 from ..registry import Registry
 
-DATASETS = Registry("dataset")
+DATASETS = Registry("dataset", hint=f"a new dataset is a file in {Path(__file__).resolve().parent}/ whose loader "
+                                    f"function has @DATASETS.register('{{name}}')")
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)

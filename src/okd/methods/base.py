@@ -1,32 +1,50 @@
-"""The interface every online-distillation method implements.
+"""The contract every online-distillation method fulfils, and the bases that fulfil most of it.
 
 A method owns all of its networks (students, teachers, temporal means) as one
-``nn.Module``; the trainer only sees this interface (mdistiller style):
+``nn.Module``; the trainer only sees this interface (mdistiller style). The
+abstract methods must be implemented, or building the method fails at once
+with a one-line error naming what is missing:
 
-* ``num_views``: how many independently augmented views of each batch it wants;
-* ``forward_train(views, labels, epoch)`` -> (total loss, {term name: value});
-* ``after_step(step)``: bookkeeping after each optimizer step (e.g. EMA);
+* ``forward_train(views, labels, epoch)`` -> {term name: weighted loss term}; every
+  coefficient and ramp-up weight is already applied, so the loss is the sum
+  of the terms (``total_loss``) and the logged terms show what drives the
+  gradient;
 * ``evaluate_logits(images)`` -> {model name: logits} for every model it can test;
-* ``summary_metrics(acc)`` -> the labelled headline numbers, the first of which
-  selects the ``best`` checkpoint;
+* ``summary_metrics(acc)`` -> the labelled headline numbers; the first must be
+  ``reported`` (the model the method deploys) and selects ``best.pt``;
 * ``deployable_state_dict()``: the reported model, loadable into
-  ``okd.create_model(backbone, num_classes)``;
-* ``parameter_groups()``: what the optimizer trains, as SGD parameter groups
-  (a group may override e.g. ``weight_decay``, as FFL's fusion module does).
+  ``okd.create_model(backbone, num_classes)``.
 
-Each method's loss is also a plain function of logits/features in its file,
-so it can be checked against hand-computed values without building networks.
+Optional: ``num_views`` (independently augmented views per batch), ``after_step``
+(bookkeeping after each optimizer step, e.g. a temporal mean),
+``parameter_groups`` (SGD groups, e.g. FFL's own weight decay for its fusion
+module), ``branch_dropout`` (the method's default ``model.dropout``).
+
+Options are a dataclass ``Options`` on the class, validated under ``method.*``;
+``KDOptions`` carries the options every distillation method shares
+(temperature, ramp-up, number of members) and checks them once.
+Each loss is also a plain function of logits in the method's file (or in
+``okd.losses``), so it is tested against hand-computed values.
 """
 from __future__ import annotations
 
+import inspect
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..models import BackboneSpec, IndependentNets
+from ..errors import ConfigError, OkdError
+from ..losses import logit_mean, sigmoid_rampup
+from ..models import BackboneSpec, IndependentNets, MultiBranchNet
+
+Terms = Dict[str, torch.Tensor]
+
+
+class MethodContractError(OkdError):
+    """A method class that does not implement the whole ``Method`` interface."""
 
 
 @dataclass(frozen=True)
@@ -36,46 +54,122 @@ class Summary:
     value: float
 
 
-class Method(nn.Module):
-    @dataclass
-    class Options:
-        pass
-
-    num_views: int = 1
-
-    def __init__(self, spec: BackboneSpec, num_classes: int, options):
-        super().__init__()
-        self.options = options
-        self.num_classes = num_classes
-
-    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int
-                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        raise NotImplementedError
-
-    def forward(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
-        """``forward_train``: the trainer calls the module (through DDP under torchrun)."""
-        return self.forward_train(views, labels, epoch)
-
-    def after_step(self, step: int) -> None:
-        """Called after optimizer step ``step`` (0-based global index)."""
-
-    def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
-        raise NotImplementedError
-
-    def deployable_state_dict(self) -> Dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def parameter_groups(self) -> List[Dict]:
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
-
-
 def require(ok: bool, method: str, option: str, requirement: str, value) -> None:
     """A one-line ConfigError naming the option, what it must be and what it was."""
     if not ok:
         raise ConfigError(f"config key 'method.{option}' must be {requirement} for {method}, got {value!r}")
+
+
+MEMBER_COUNTS = ("num_networks", "num_branches", "num_peers")
+
+
+@dataclass
+class MethodOptions:
+    """Base of every method's ``Options``; ``name`` is the registered method name."""
+
+    method_name: ClassVar[str] = ""
+
+    @property
+    def name(self) -> str:
+        return self.method_name
+
+    def check(self) -> None:
+        """Range checks of the options (types are checked by the config loader)."""
+
+
+@dataclass
+class KDOptions(MethodOptions):
+    """What every distillation method has: KD temperature T and ramp-up length R (0: none)."""
+
+    temperature: float = 3.0
+    rampup_epochs: int = 80
+
+    def kd_coefficient(self) -> float:
+        """The constant factor of the distillation terms (1 unless the method has one)."""
+        return 1.0
+
+    def check(self) -> None:
+        require(self.temperature > 0, self.name, "temperature", "> 0", self.temperature)
+        require(self.rampup_epochs >= 0, self.name, "rampup_epochs", ">= 0", self.rampup_epochs)
+        for key in MEMBER_COUNTS:
+            if hasattr(self, key):
+                require(getattr(self, key) >= 2, self.name, key, ">= 2", getattr(self, key))
+        if hasattr(self, "kd_weight"):
+            require(self.kd_weight >= 0, self.name, "kd_weight", ">= 0", self.kd_weight)
+
+
+def total_loss(terms: Terms) -> torch.Tensor:
+    """The training loss: the sum of the method's weighted terms, in their order."""
+    values = iter(terms.values())
+    total = next(values)
+    for value in values:
+        total = total + value
+    return total
+
+
+def where_defined(cls) -> str:
+    try:
+        return f"{inspect.getsourcefile(cls)}:{inspect.getsourcelines(cls)[1]}"
+    except (OSError, TypeError):
+        return cls.__module__
+
+
+class Method(nn.Module, metaclass=ABCMeta):
+    Options = MethodOptions
+    num_views: int = 1
+    branch_dropout: float = 0.0  # default model.dropout of backbones with dropout (VGG)
+
+    def __new__(cls, *args, **kwargs):
+        missing = sorted(getattr(cls, "__abstractmethods__", ()))
+        if missing:
+            raise MethodContractError(
+                f"method class {cls.__name__} ({where_defined(cls)}) does not implement {', '.join(missing)}; "
+                f"see 'Extending okd' in the README")
+        return super().__new__(cls)
+
+    def __init__(self, spec: BackboneSpec, num_classes: int, options: MethodOptions):
+        super().__init__()
+        options.check()
+        self.options = options
+        self.num_classes = num_classes
+
+    @abstractmethod
+    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int) -> Terms:
+        """{term name: weighted term}; the loss is their sum."""
+
+    @abstractmethod
+    def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """{model name: logits} of every model the method can test."""
+
+    @abstractmethod
+    def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
+        """Headline numbers from the models' accuracies; the first is ``reported``."""
+
+    @abstractmethod
+    def deployable_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The reported model's weights in ``okd.create_model``'s layout."""
+
+    def forward(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int) -> Terms:
+        """``forward_train``: the trainer calls the module (through DDP under torchrun)."""
+        return self.forward_train(views, labels, epoch)
+
+    def training_loss(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int
+                      ) -> Tuple[torch.Tensor, Terms]:
+        """(loss, terms) of one batch, outside the trainer (tests, benchmarks)."""
+        terms = self.forward_train(views, labels, epoch)
+        return total_loss(terms), terms
+
+    def kd_weight(self, epoch: int) -> Optional[float]:
+        """The factor on the distillation terms at ``epoch`` (coefficient x ramp-up); None without KD."""
+        if not isinstance(self.options, KDOptions):
+            return None
+        return self.options.kd_coefficient() * sigmoid_rampup(epoch, self.options.rampup_epochs)
+
+    def after_step(self, step: int) -> None:
+        """Called after optimizer step ``step`` (0-based global index)."""
+
+    def parameter_groups(self) -> List[Dict]:
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
 
 def numbered_logits(prefix: str, logits: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -84,21 +178,25 @@ def numbered_logits(prefix: str, logits: Sequence[torch.Tensor]) -> Dict[str, to
 
 
 def member_summaries(acc: Dict[str, float], prefix: str, count: int, noun: str) -> List[Summary]:
-    """Member 1 as the reported model (spec sections 3-6, 8), then the mean over all members."""
+    """Member 1 as the reported model (docs/methods.md §3-6, 8), then the mean over all members."""
     values = [acc[f"{prefix}{i + 1}"] for i in range(count)]
     return [Summary("reported", f"{noun} 1 (reported)", values[0]),
-            Summary(f"mean_{prefix}", f"mean over {noun}s", sum(values) / count)]
+            Summary(f"mean_{prefix}", f"mean over {plural(noun)}", sum(values) / count)]
+
+
+def plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
 
 
 class IndependentNetworksMethod(Method):
-    """Shared test-time side of methods with m independent networks in ``self.nets`` (DML, KDCL)."""
+    """Test-time side of methods with m independent networks in ``self.nets`` (DML, KDCL)."""
 
     nets: IndependentNets
 
     @torch.no_grad()
     def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         logits = self.nets(images)
-        return {**numbered_logits("net", logits), "ensemble": torch.stack(logits).mean(0)}
+        return {**numbered_logits("net", logits), "ensemble": logit_mean(logits)}
 
     def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
         return [*member_summaries(acc, "net", len(self.nets), "network"),
@@ -106,3 +204,32 @@ class IndependentNetworksMethod(Method):
 
     def deployable_state_dict(self):
         return self.nets.nets[0].state_dict()
+
+
+class SharedTrunkMethod(Method):
+    """Test-time side of methods with m branches on one trunk in ``self.net`` (CL, ONE, FFL-S).
+
+    A subclass names its extra test-time models in ``extra_models`` ({key: label},
+    logged after the branches and summarised after the mean over branches) and
+    computes them in ``test_outputs``. Branch 1 is the reported model.
+    """
+
+    net: MultiBranchNet
+    extra_models: ClassVar[Dict[str, str]] = {"ensemble": "logit-mean ensemble"}
+
+    def test_outputs(self, images: torch.Tensor) -> Tuple[List[torch.Tensor], Dict[str, torch.Tensor]]:
+        """(branch logits, {extra model: logits}); by default the logit mean."""
+        logits = self.net(images).logits
+        return logits, {"ensemble": logit_mean(logits)}
+
+    @torch.no_grad()
+    def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        logits, extra = self.test_outputs(images)
+        return {**numbered_logits("branch", logits), **extra}
+
+    def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
+        return [*member_summaries(acc, "branch", len(self.net.branches), "branch"),
+                *(Summary(key, label, acc[key]) for key, label in self.extra_models.items())]
+
+    def deployable_state_dict(self):
+        return self.net.single_state_dict(0)

@@ -1,4 +1,4 @@
-"""FFL-S: Feature Fusion Learning, shared-trunk variant (Kim et al., ICPR 2020), spec section 6.
+"""FFL-S: Feature Fusion Learning, shared-trunk variant (Kim et al., ICPR 2020), docs/methods.md §6.
 
 m branches share the trunk. A fusion module concatenates the branches' last
 feature maps (m C channels), applies depthwise 3x3 conv + BN + ReLU, pointwise
@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import kd_loss, sigmoid_rampup
+from ..losses import kd_loss, logit_mean
 from ..models import MultiBranchNet
 from . import METHODS
-from .base import Method, Summary, member_summaries, numbered_logits, require
+from .base import KDOptions, SharedTrunkMethod, require
 
 
 class FusionModule(nn.Module):
@@ -50,57 +50,45 @@ class FusionModule(nn.Module):
 def ffl_kd(logits: Sequence[torch.Tensor], fused: torch.Tensor, temperature: float):
     """(fused -> branches, branch mean -> fused), targets detached."""
     ensemble_kd = sum(kd_loss(z, fused.detach(), temperature) for z in logits)
-    mutual_kd = kd_loss(fused, torch.stack(list(logits)).mean(0).detach(), temperature)
+    mutual_kd = kd_loss(fused, logit_mean(logits).detach(), temperature)
     return ensemble_kd, mutual_kd
 
 
 @METHODS.register("ffl", "ffl_s")
-class FFL(Method):
+class FFL(SharedTrunkMethod):
+    extra_models = {"fused": "fused classifier"}
+
     @dataclass
-    class Options:
+    class Options(KDOptions):
         num_branches: int = 3
-        temperature: float = 3.0
-        rampup_epochs: int = 80
         fusion_weight_decay: float = 1.0e-5
+
+        def check(self) -> None:
+            require(self.fusion_weight_decay >= 0, "ffl", "fusion_weight_decay", ">= 0", self.fusion_weight_decay)
+            super().check()
 
     def __init__(self, spec, num_classes: int, options: "FFL.Options"):
         super().__init__(spec, num_classes, options)
-        require(options.num_branches >= 2, "ffl", "num_branches", ">= 2", options.num_branches)
-        require(options.temperature > 0, "ffl", "temperature", "> 0", options.temperature)
-        require(options.fusion_weight_decay >= 0, "ffl", "fusion_weight_decay", ">= 0",
-                options.fusion_weight_decay)
         self.net = MultiBranchNet(spec, options.num_branches)
         self.fusion = FusionModule(spec.feature_dim, options.num_branches, num_classes)
 
     def forward_logits(self, x: torch.Tensor):
         maps = self.net.feature_maps(x)
-        logits = [branch.head(fm)[1] for branch, fm in zip(self.net.branches, maps)]
+        logits = [branch.head(fm).logits for branch, fm in zip(self.net.branches, maps)]
         return logits, self.fusion(maps)
 
     def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
-        opt = self.options
         logits, fused = self.forward_logits(views[0])
         ce_branches = sum(F.cross_entropy(z, labels) for z in logits)
         ce_fused = F.cross_entropy(fused, labels)
-        ensemble_kd, mutual_kd = ffl_kd(logits, fused, opt.temperature)
-        loss = ce_branches + ce_fused + sigmoid_rampup(epoch, opt.rampup_epochs) * (ensemble_kd + mutual_kd)
-        return loss, {"ce_branches": ce_branches.detach(), "ce_fused": ce_fused.detach(),
-                      "kd_fused_to_branches": ensemble_kd.detach(), "kd_branches_to_fused": mutual_kd.detach()}
+        ensemble_kd, mutual_kd = ffl_kd(logits, fused, self.options.temperature)
+        w = self.kd_weight(epoch)
+        return {"ce_branches": ce_branches, "ce_fused": ce_fused,
+                "kd_fused_to_branches": w * ensemble_kd, "kd_branches_to_fused": w * mutual_kd}
 
-    @torch.no_grad()
-    def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def test_outputs(self, images: torch.Tensor):
         logits, fused = self.forward_logits(images)
-        out = numbered_logits("branch", logits)
-        out["fused"] = fused
-        out["ensemble"] = torch.stack(logits).mean(0)
-        return out
-
-    def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
-        return [*member_summaries(acc, "branch", self.options.num_branches, "branch"),
-                Summary("fused", "fused classifier", acc["fused"])]
-
-    def deployable_state_dict(self):
-        return self.net.single_state_dict(0)
+        return logits, {"fused": fused, "ensemble": logit_mean(logits)}
 
     def parameter_groups(self) -> List[Dict]:
         return [{"params": list(self.net.parameters())},

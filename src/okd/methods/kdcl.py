@@ -1,4 +1,4 @@
-"""KDCL: Knowledge Distillation via Collaborative Learning (Guo et al., CVPR 2020), spec section 8.
+"""KDCL: Knowledge Distillation via Collaborative Learning (Guo et al., CVPR 2020), docs/methods.md §8.
 
 m independent networks; network i sees its own augmented view of each image
 ("invariant collaborative learning"). The students' logits build an ensemble
@@ -21,10 +21,10 @@ from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..losses import kd_loss, sigmoid_rampup
+from ..losses import kd_loss, logit_mean
 from ..models import IndependentNets
 from . import METHODS
-from .base import IndependentNetworksMethod, require
+from .base import IndependentNetworksMethod, KDOptions, require
 
 TEACHERS = ("minlogit", "naive")
 
@@ -39,25 +39,27 @@ def minlogit_teacher(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> to
 def kdcl_teacher(logits: Sequence[torch.Tensor], labels: torch.Tensor, variant: str) -> torch.Tensor:
     if variant == "minlogit":
         return minlogit_teacher(logits, labels)
-    return torch.stack(list(logits)).mean(0)
+    return logit_mean(logits)
 
 
 @METHODS.register("kdcl")
 class KDCL(IndependentNetworksMethod):
     @dataclass
-    class Options:
+    class Options(KDOptions):
+        rampup_epochs: int = 0  # 0: no ramp-up; 80 is the line of work's optional choice
         num_networks: int = 3
         teacher: str = "minlogit"  # minlogit | naive
-        temperature: float = 3.0
         kd_weight: float = 1.0  # lambda
-        rampup_epochs: int = 0  # 0: no ramp-up; 80 is the line of work's optional choice
+
+        def kd_coefficient(self) -> float:
+            return self.kd_weight
+
+        def check(self) -> None:
+            require(self.teacher in TEACHERS, "kdcl", "teacher", " or ".join(TEACHERS), self.teacher)
+            super().check()
 
     def __init__(self, spec, num_classes: int, options: "KDCL.Options"):
         super().__init__(spec, num_classes, options)
-        require(options.num_networks >= 2, "kdcl", "num_networks", ">= 2", options.num_networks)
-        require(options.teacher in TEACHERS, "kdcl", "teacher", " or ".join(TEACHERS), options.teacher)
-        require(options.temperature > 0, "kdcl", "temperature", "> 0", options.temperature)
-        require(options.kd_weight >= 0, "kdcl", "kd_weight", ">= 0", options.kd_weight)
         self.num_views = options.num_networks
         self.nets = IndependentNets(spec, options.num_networks)
 
@@ -67,5 +69,4 @@ class KDCL(IndependentNetworksMethod):
         teacher = kdcl_teacher([z.detach() for z in logits], labels, opt.teacher)
         ce = sum(F.cross_entropy(z, labels) for z in logits)
         kd = sum(kd_loss(z, teacher, opt.temperature) for z in logits)
-        loss = ce + opt.kd_weight * sigmoid_rampup(epoch, opt.rampup_epochs) * kd
-        return loss, {"ce": ce.detach(), "kd_ensemble": kd.detach()}
+        return {"ce": ce, "kd_ensemble": self.kd_weight(epoch) * kd}

@@ -1,4 +1,4 @@
-"""OKDDip: Online KD with Diverse Peers (Chen et al., AAAI 2020), spec section 7.
+"""OKDDip: Online KD with Diverse Peers (Chen et al., AAAI 2020), docs/methods.md §7.
 
 A shared trunk feeds m_a auxiliary peers and one group leader (ONE-style
 branches; 2 peers + 1 leader by default, so 3 branches like every method).
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import kd_loss, sigmoid_rampup
+from ..losses import kd_loss, logit_mean
 from ..models import MultiBranchNet
 from . import METHODS
-from .base import Method, Summary, numbered_logits, require
+from .base import KDOptions, Method, Summary, member_summaries, numbered_logits
 
 
 class PeerAttention(nn.Module):
@@ -51,58 +51,50 @@ def okddip_kd(peer_logits: Sequence[torch.Tensor], targets: torch.Tensor, leader
               temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """(peers <- attention targets, leader <- peer mean), nothing detached."""
     peers_kd = sum(kd_loss(z, targets[:, a], temperature) for a, z in enumerate(peer_logits))
-    leader_kd = kd_loss(leader_logits, torch.stack(list(peer_logits)).mean(0), temperature)
+    leader_kd = kd_loss(leader_logits, logit_mean(peer_logits), temperature)
     return peers_kd, leader_kd
 
 
 @METHODS.register("okddip")
 class OKDDip(Method):
+    branch_dropout = 0.5  # OKDDip's vgg_GL.py
+
     @dataclass
-    class Options:
+    class Options(KDOptions):
         num_peers: int = 2  # auxiliary peers; the group leader is one more branch
-        temperature: float = 3.0
-        rampup_epochs: int = 80
         kd_weight: float = 1.0  # alpha of the paper
+
+        def kd_coefficient(self) -> float:
+            return self.kd_weight
 
     def __init__(self, spec, num_classes: int, options: "OKDDip.Options"):
         super().__init__(spec, num_classes, options)
-        require(options.num_peers >= 2, "okddip", "num_peers", ">= 2", options.num_peers)
-        require(options.temperature > 0, "okddip", "temperature", "> 0", options.temperature)
-        require(options.kd_weight >= 0, "okddip", "kd_weight", ">= 0", options.kd_weight)
         self.net = MultiBranchNet(spec, options.num_peers + 1)  # the last branch is the leader
         self.attention = PeerAttention(spec.feature_dim)
 
     def forward_logits(self, x: torch.Tensor):
-        maps = self.net.feature_maps(x)
-        outs = [branch.head(fm) for branch, fm in zip(self.net.branches, maps)]
-        logits = [z for _, z in outs]
-        pooled = torch.stack([fm.mean(dim=(2, 3)) for fm in maps[:-1]], dim=1)  # (B, m_a, d)
-        return logits[:-1], logits[-1], pooled
+        """(peer logits, leader logits, the peers' pooled features (B, m_a, d))."""
+        outs = self.net(x)
+        return outs.logits[:-1], outs.logits[-1], torch.stack(outs.features[:-1], dim=1)
 
     def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
-        opt = self.options
         peer_logits, leader_logits, pooled = self.forward_logits(views[0])
         targets = peer_targets(self.attention(pooled), peer_logits)
         ce_peers = sum(F.cross_entropy(z, labels) for z in peer_logits)
         ce_leader = F.cross_entropy(leader_logits, labels)
-        peers_kd, leader_kd = okddip_kd(peer_logits, targets, leader_logits, opt.temperature)
-        weight = opt.kd_weight * sigmoid_rampup(epoch, opt.rampup_epochs)
-        loss = ce_peers + ce_leader + weight * (peers_kd + leader_kd)
-        return loss, {"ce_peers": ce_peers.detach(), "ce_leader": ce_leader.detach(),
-                      "kd_peers": peers_kd.detach(), "kd_leader": leader_kd.detach()}
+        peers_kd, leader_kd = okddip_kd(peer_logits, targets, leader_logits, self.options.temperature)
+        w = self.kd_weight(epoch)
+        return {"ce_peers": ce_peers, "ce_leader": ce_leader, "kd_peers": w * peers_kd, "kd_leader": w * leader_kd}
 
     @torch.no_grad()
     def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        _, logits = self.net(images)
-        out = numbered_logits("peer", logits[:-1])
-        out["leader"] = logits[-1]
-        out["peer_ensemble"] = torch.stack(logits[:-1]).mean(0)
-        return out
+        peer_logits, leader_logits, _ = self.forward_logits(images)
+        return {**numbered_logits("peer", peer_logits), "leader": leader_logits,
+                "peer_ensemble": logit_mean(peer_logits)}
 
     def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
-        peers = [acc[f"peer{a + 1}"] for a in range(self.options.num_peers)]
         return [Summary("reported", "group leader (reported)", acc["leader"]),
-                Summary("mean_peer", "mean over peers", sum(peers) / len(peers)),
+                *member_summaries(acc, "peer", self.options.num_peers, "peer")[1:],
                 Summary("peer_ensemble", "peer logit-mean ensemble", acc["peer_ensemble"])]
 
     def deployable_state_dict(self):

@@ -1,4 +1,4 @@
-"""ONE: On-the-fly Native Ensemble (Lan, Zhu & Gong, NeurIPS 2018), spec section 5.
+"""ONE: On-the-fly Native Ensemble (Lan, Zhu & Gong, NeurIPS 2018), docs/methods.md §5.
 
 m branches share the trunk. A gate g = softmax(ReLU(BN1d(W_g GAP(h_trunk))))
 weights the branches' logits into the on-the-fly teacher z_e = sum_j g_j z_j:
@@ -13,16 +13,16 @@ the gated ensemble ("ONE-E") is logged beside it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import kd_loss, sigmoid_rampup
+from ..losses import kd_loss
 from ..models import MultiBranchNet
 from . import METHODS
-from .base import Method, Summary, member_summaries, numbered_logits, require
+from .base import KDOptions, SharedTrunkMethod
 
 
 class Gate(nn.Module):
@@ -44,47 +44,32 @@ def gated_ensemble(gate: torch.Tensor, logits: Sequence[torch.Tensor]) -> torch.
 
 
 @METHODS.register("one")
-class ONE(Method):
+class ONE(SharedTrunkMethod):
+    branch_dropout = 0.5  # OKDDip's multi-branch VGG (vgg_one.py)
+    extra_models = {"ensemble": "gated ensemble (ONE-E)"}
+
     @dataclass
-    class Options:
+    class Options(KDOptions):
         num_branches: int = 3
-        temperature: float = 3.0
-        rampup_epochs: int = 80
         detach_teacher: bool = True
 
     def __init__(self, spec, num_classes: int, options: "ONE.Options"):
         super().__init__(spec, num_classes, options)
-        require(options.num_branches >= 2, "one", "num_branches", ">= 2", options.num_branches)
-        require(options.temperature > 0, "one", "temperature", "> 0", options.temperature)
         self.net = MultiBranchNet(spec, options.num_branches)
         self.gate = Gate(spec.trunk_channels, options.num_branches)
 
-    def forward_logits(self, x: torch.Tensor):
+    def test_outputs(self, x: torch.Tensor):
+        """(branch logits, {"ensemble": the gated ensemble z_e})."""
         shared = self.net.trunk(x)
-        logits = [branch(shared)[1] for branch in self.net.branches]
-        return logits, gated_ensemble(self.gate(shared), logits)
+        logits = [branch(shared).logits for branch in self.net.branches]
+        return logits, {"ensemble": gated_ensemble(self.gate(shared), logits)}
 
     def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
         opt = self.options
-        logits, ensemble = self.forward_logits(views[0])
+        logits, extra = self.test_outputs(views[0])
+        ensemble = extra["ensemble"]
         teacher = ensemble.detach() if opt.detach_teacher else ensemble
         ce_branches = sum(F.cross_entropy(z, labels) for z in logits)
         ce_ensemble = F.cross_entropy(ensemble, labels)
         kd = sum(kd_loss(z, teacher, opt.temperature) for z in logits)
-        loss = ce_branches + ce_ensemble + sigmoid_rampup(epoch, opt.rampup_epochs) * kd
-        return loss, {"ce_branches": ce_branches.detach(), "ce_ensemble": ce_ensemble.detach(),
-                      "kd_ensemble": kd.detach()}
-
-    @torch.no_grad()
-    def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        logits, ensemble = self.forward_logits(images)
-        out = numbered_logits("branch", logits)
-        out["ensemble"] = ensemble
-        return out
-
-    def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
-        return [*member_summaries(acc, "branch", self.options.num_branches, "branch"),
-                Summary("ensemble", "gated ensemble (ONE-E)", acc["ensemble"])]
-
-    def deployable_state_dict(self):
-        return self.net.single_state_dict(0)
+        return {"ce_branches": ce_branches, "ce_ensemble": ce_ensemble, "kd_ensemble": self.kd_weight(epoch) * kd}

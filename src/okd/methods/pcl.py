@@ -1,4 +1,4 @@
-"""PCL: Peer Collaborative Learning (Wu & Gong, AAAI 2021), spec section 9.
+"""PCL: Peer Collaborative Learning (Wu & Gong, AAAI 2021), docs/methods.md §9.
 
 m peers share a trunk; peer j sees its own augmented view x^j. A peer-ensemble
 teacher z_e = FC_e(concat(f_1..f_m)) is trained by cross-entropy only (its
@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ema import BUFFER_POLICIES, ModelEMA
-from ..losses import kd_loss, sigmoid_rampup
+from ..losses import kd_loss
 from ..models import MultiBranchNet
 from . import METHODS
-from .base import Method, Summary, require
+from .base import KDOptions, Method, Summary, numbered_logits, require
 
 
 class PCLNet(nn.Module):
@@ -39,26 +39,30 @@ class PCLNet(nn.Module):
     def __init__(self, spec, num_classes: int, num_peers: int):
         super().__init__()
         self.peers = MultiBranchNet(spec, num_peers)
+        # over the peers' pooled features (VGG: the flattened 512-d conv output, not the hidden FC)
         self.ensemble_fc = nn.Linear(num_peers * spec.feature_dim, num_classes)
+        spec.init_linear(self.ensemble_fc)
+
+    def ensemble(self, features: List[torch.Tensor]) -> torch.Tensor:
+        return self.ensemble_fc(torch.cat(features, dim=1))
 
 
 @METHODS.register("pcl")
 class PCL(Method):
     @dataclass
-    class Options:
+    class Options(KDOptions):
         num_peers: int = 3
-        temperature: float = 3.0
-        rampup_epochs: int = 80  # R of the sigmoid ramp-up applied to both KD terms
         ema_decay: float = 0.999  # cap of the temporal-mean decay min(1 - 1/(t+1), cap)
         ema_buffers: str = "own"  # own: EMA keeps its own BN statistics; copy: copy student's
         fused_views: bool = False  # run the trunk once over all views (BatchNorm still per view); speed only
 
+        def check(self) -> None:
+            require(0.0 <= self.ema_decay < 1.0, "pcl", "ema_decay", "in [0, 1)", self.ema_decay)
+            require(self.ema_buffers in BUFFER_POLICIES, "pcl", "ema_buffers", "own or copy", self.ema_buffers)
+            super().check()
+
     def __init__(self, spec, num_classes: int, options: "PCL.Options"):
         super().__init__(spec, num_classes, options)
-        require(options.num_peers >= 2, "pcl", "num_peers", ">= 2", options.num_peers)
-        require(options.temperature > 0, "pcl", "temperature", "> 0", options.temperature)
-        require(0.0 <= options.ema_decay < 1.0, "pcl", "ema_decay", "in [0, 1)", options.ema_decay)
-        require(options.ema_buffers in BUFFER_POLICIES, "pcl", "ema_buffers", "own or copy", options.ema_buffers)
         self.num_views = options.num_peers
         self.net = PCLNet(spec, num_classes, options.num_peers)
         if options.fused_views:
@@ -66,12 +70,11 @@ class PCL(Method):
         self.mean = ModelEMA(self.net, options.ema_decay, options.ema_buffers)  # a copy: fused too
 
     def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
-        opt = self.options
-        m, T = opt.num_peers, opt.temperature
+        m, T = self.options.num_peers, self.options.temperature
         feats, logits = self.net.peers.forward_views(views)
-        ensemble_logits = self.net.ensemble_fc(torch.cat(feats, dim=1))
+        ensemble_logits = self.net.ensemble(feats)
         with torch.no_grad():
-            mean_logits = self.mean.module.peers.forward_views(views)[1]  # mean teacher l on view l
+            mean_logits = self.mean.module.peers.forward_views(views).logits  # mean teacher l on view l
         teacher = ensemble_logits.detach()
 
         ce_ensemble = F.cross_entropy(ensemble_logits, labels)
@@ -80,15 +83,9 @@ class PCL(Method):
         kd_mean = sum(
             kd_loss(logits[j], mean_logits[l], T) for j in range(m) for l in range(m) if l != j
         ) / (m - 1)
-        weight = sigmoid_rampup(epoch, opt.rampup_epochs)
-        loss = ce_ensemble + ce_peers + weight * (kd_ensemble + kd_mean)
-        terms = {
-            "ce_ensemble": ce_ensemble.detach(),
-            "ce_peers": ce_peers.detach(),
-            "kd_ensemble": kd_ensemble.detach(),
-            "kd_mean": kd_mean.detach(),
-        }
-        return loss, terms
+        w = self.kd_weight(epoch)
+        return {"ce_ensemble": ce_ensemble, "ce_peers": ce_peers, "kd_ensemble": w * kd_ensemble,
+                "kd_mean": w * kd_mean}
 
     def after_step(self, step: int) -> None:
         self.mean.update(self.net, step)
@@ -98,9 +95,8 @@ class PCL(Method):
         out = {}
         for prefix, net in (("", self.net), ("mean_", self.mean.module)):
             feats, logits = net.peers(images)
-            for j, z in enumerate(logits):
-                out[f"{prefix}peer{j + 1}"] = z
-            out[f"{prefix}ensemble"] = net.ensemble_fc(torch.cat(feats, dim=1))
+            out.update(numbered_logits(f"{prefix}peer", logits))
+            out[f"{prefix}ensemble"] = net.ensemble(feats)
         return out
 
     def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:

@@ -9,24 +9,21 @@ import torch.nn.functional as F
 
 from ..models import SingleNet
 from . import METHODS
-from .base import Method, Summary
+from .base import Method, MethodOptions, Summary
 
 
 @METHODS.register("vanilla", "baseline")
 class Vanilla(Method):
     @dataclass
-    class Options:
+    class Options(MethodOptions):
         pass
-
-    num_views = 1
 
     def __init__(self, spec, num_classes: int, options: "Vanilla.Options"):
         super().__init__(spec, num_classes, options)
         self.net = SingleNet(spec.make_trunk(), spec.make_branch())
 
     def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
-        ce = F.cross_entropy(self.net(views[0]), labels)
-        return ce, {"ce": ce.detach()}
+        return {"ce": F.cross_entropy(self.net(views[0]), labels)}
 
     @torch.no_grad()
     def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -1,17 +1,42 @@
-"""Backbones. Importing this package registers every backbone in ``BACKBONES``."""
-from . import densenet, resnet, vgg  # noqa: F401  (registration side effects)
-from .branched import BackboneSpec, Branch, IndependentNets, MultiBranchNet, SingleNet
+"""Backbones. Importing this package imports every module in it, registering each backbone in ``BACKBONES``."""
+import inspect
+from typing import Optional
+
+from ..errors import ConfigError
+from ..registry import import_submodules
+from .branched import BackboneSpec, Branch, BranchOutput, BranchOutputs, IndependentNets, MultiBranchNet, SingleNet
 from .registry import BACKBONES
 
+import_submodules(__name__, __path__)
 
-def backbone_spec(name: str, num_classes: int) -> BackboneSpec:
-    return BACKBONES.get(name)(num_classes)
+# keys of the ``model`` config section that a backbone may take as keyword options
+MODEL_OPTIONS = ("dropout", "final_norm")
 
 
-def create_model(name: str, num_classes: int) -> SingleNet:
+def backbone_options(name: str) -> tuple:
+    """The ``MODEL_OPTIONS`` that backbone ``name``'s spec function accepts."""
+    params = inspect.signature(BACKBONES.get(name)).parameters
+    return tuple(k for k in MODEL_OPTIONS if k in params)
+
+
+def backbone_spec(name: str, num_classes: int, **options) -> BackboneSpec:
+    """The spec of backbone ``name``; options left None take the backbone's defaults."""
+    options = {k: v for k, v in options.items() if v is not None}
+    takes = backbone_options(name)
+    for key in options:
+        if key not in takes:
+            which = [b for b in BACKBONES if key in backbone_options(b)]
+            raise ConfigError(f"config key 'model.{key}' does not apply to {BACKBONES.canonical(name)} "
+                              f"(only {', '.join(which) or 'no backbone'}); leave it null")
+    return BACKBONES.get(name)(num_classes, **options)
+
+
+def create_model(name: str, num_classes: int, dropout: Optional[float] = None,
+                 final_norm: Optional[bool] = None) -> SingleNet:
     """The single deployable network of a backbone: trunk + one branch."""
-    spec = backbone_spec(name, num_classes)
+    spec = backbone_spec(name, num_classes, dropout=dropout, final_norm=final_norm)
     return SingleNet(spec.make_trunk(), spec.make_branch())
 
 
-__all__ = ["BACKBONES", "BackboneSpec", "Branch", "IndependentNets", "MultiBranchNet", "SingleNet", "backbone_spec", "create_model"]
+__all__ = ["BACKBONES", "MODEL_OPTIONS", "BackboneSpec", "Branch", "BranchOutput", "BranchOutputs", "IndependentNets",
+           "MultiBranchNet", "SingleNet", "backbone_options", "backbone_spec", "create_model"]

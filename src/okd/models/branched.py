@@ -5,52 +5,83 @@ trunk, a factory for one branch (last stage + pooling + classifier) and the
 branch's feature width. Methods with several branches call the branch factory
 once per branch, so each branch gets its own, independently drawn weights;
 independent-network methods build trunk+branch several times. A backbone is
-therefore written once, and the split point of spec section 2 lives only here.
+therefore written once, and the split point of docs/methods.md §2 lives only here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
 
-class Branch(nn.Module):
-    """Per-branch part: ``body`` maps trunk output to a feature vector, ``fc`` to logits.
+class BranchOutput(NamedTuple):
+    feature: torch.Tensor  # the pooled last feature map, (B, feature_dim)
+    logits: torch.Tensor  # (B, num_classes)
 
-    ``body`` is a Sequential whose first ``map_layers`` modules produce the
-    branch's last feature map (C x H x W, before pooling); FFL fuses those maps
-    and OKDDip pools them for its attention, so the split is recorded here.
+
+class BranchOutputs(NamedTuple):
+    """Every branch's output, one list entry per branch."""
+    features: List[torch.Tensor]
+    logits: List[torch.Tensor]
+
+    @classmethod
+    def of(cls, outputs: Sequence[BranchOutput]) -> "BranchOutputs":
+        return cls([o.feature for o in outputs], [o.logits for o in outputs])
+
+
+class Branch(nn.Module):
+    """Per-branch part of a backbone, in three recorded steps of one ``body`` Sequential.
+
+    ``body[:map_layers]`` gives the branch's last feature map (C x H x W; FFL fuses
+    these maps, OKDDip pools them), ``body[map_layers:pool_layers]`` pools it to the
+    feature vector (C = ``feature_dim``; PCL's peer ensemble reads it), and
+    ``body[pool_layers:]`` holds any hidden classifier layers (VGG's two FC layers)
+    before ``fc`` gives the logits. The single Sequential keeps the parameter names
+    of checkpoints written before the split was recorded.
     """
 
-    def __init__(self, body: nn.Sequential, fc: nn.Linear, map_layers: int):
+    def __init__(self, body: nn.Sequential, fc: nn.Linear, map_layers: int, pool_layers: Optional[int] = None):
         super().__init__()
-        if not 0 < map_layers <= len(body):
-            raise ValueError(f"map_layers must be in [1, {len(body)}], got {map_layers}")
+        pool_layers = len(body) if pool_layers is None else pool_layers
+        if not 0 < map_layers <= pool_layers <= len(body):
+            raise ValueError(f"need 0 < map_layers <= pool_layers <= {len(body)}, got {map_layers}, {pool_layers}")
         self.body = body
         self.fc = fc
         self.map_layers = map_layers
+        self.pool_layers = pool_layers
 
-    def forward(self, trunk_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        feature = self.body(trunk_out)
-        return feature, self.fc(feature)
+    def _layers(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        for i in range(start, stop):
+            x = self.body[i](x)
+        return x
 
     def feature_map(self, trunk_out: torch.Tensor) -> torch.Tensor:
-        return self.body[:self.map_layers](trunk_out)
+        return self._layers(trunk_out, 0, self.map_layers)
 
-    def head(self, feature_map: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(feature, logits) from the map ``feature_map`` returned."""
-        feature = self.body[self.map_layers:](feature_map)
-        return feature, self.fc(feature)
+    def head(self, feature_map: torch.Tensor) -> BranchOutput:
+        """The pooled feature and the logits from the map ``feature_map`` returned."""
+        feature = self._layers(feature_map, self.map_layers, self.pool_layers)
+        hidden = self._layers(feature, self.pool_layers, len(self.body))
+        return BranchOutput(feature, self.fc(hidden))
+
+    def forward(self, trunk_out: torch.Tensor) -> BranchOutput:
+        return self.head(self.feature_map(trunk_out))
+
+
+def no_init(module: nn.Module) -> None:
+    """PyTorch's default initialisation, left as it is."""
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
     make_trunk: Callable[[], nn.Module]
     make_branch: Callable[[], Branch]
-    feature_dim: int  # width of a branch's feature vector (and of its last feature map)
+    feature_dim: int  # width of a branch's pooled feature (= channels of its last feature map)
     trunk_channels: int  # channels of the shared trunk's output (ONE's gate reads it)
+    # how this backbone initialises a classifier Linear; methods apply it to the layers they add
+    init_linear: Callable[[nn.Linear], None] = no_init
 
 
 class SingleNet(nn.Module):
@@ -62,15 +93,11 @@ class SingleNet(nn.Module):
         self.branch = branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.branch(self.trunk(x))[1]
-
-    def features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(feature, logits)."""
-        return self.branch(self.trunk(x))
+        return self.branch(self.trunk(x)).logits
 
 
 class IndependentNets(nn.Module):
-    """``num_nets`` full networks (trunk + branch each), sharing nothing: DML, KDCL, vanilla."""
+    """``num_nets`` full networks (trunk + branch each), sharing nothing: DML, KDCL."""
 
     def __init__(self, spec: BackboneSpec, num_nets: int):
         super().__init__()
@@ -80,7 +107,7 @@ class IndependentNets(nn.Module):
         return len(self.nets)
 
     def forward_views(self, views: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """Logits of network i on view i (a single view may be passed once per network)."""
+        """Logits of network i on view i."""
         return [net(view) for net, view in zip(self.nets, views)]
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -89,6 +116,8 @@ class IndependentNets(nn.Module):
 
 class MultiBranchNet(nn.Module):
     """A shared trunk with ``num_branches`` independently initialised branches."""
+
+    fused_views = False
 
     def __init__(self, spec: BackboneSpec, num_branches: int):
         super().__init__()
@@ -103,9 +132,7 @@ class MultiBranchNet(nn.Module):
         convert_view_bn(self.trunk)
         self.fused_views = True
 
-    fused_views = False
-
-    def forward_views(self, views: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    def forward_views(self, views: Sequence[torch.Tensor]) -> BranchOutputs:
         """Branch j sees view j, with per-view BatchNorm statistics in the trunk.
 
         Reference order: the trunk once per view. Fused: once over the views
@@ -121,17 +148,12 @@ class MultiBranchNet(nn.Module):
                 set_views(self.trunk, 1)
         else:
             shared = [self.trunk(v) for v in views]
-        outs = [branch(s) for branch, s in zip(self.branches, shared)]
-        return [f for f, _ in outs], [z for _, z in outs]
+        return BranchOutputs.of([branch(s) for branch, s in zip(self.branches, shared)])
 
-    def forward_branch(self, x: torch.Tensor, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.branches[index](self.trunk(x))
-
-    def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> BranchOutputs:
         """One view for all branches: the trunk once, then every branch."""
         shared = self.trunk(x)
-        outs = [branch(shared) for branch in self.branches]
-        return [f for f, _ in outs], [z for _, z in outs]
+        return BranchOutputs.of([branch(shared) for branch in self.branches])
 
     def feature_maps(self, x: torch.Tensor) -> List[torch.Tensor]:
         """One view for all branches: each branch's last feature map (see ``Branch``)."""

@@ -1,4 +1,4 @@
-"""DenseNet-BC-40 (k=12) as in OKDDip's ``densenetd40k12`` (spec section 2).
+"""DenseNet-BC-40 (k=12) as in OKDDip's ``densenetd40k12`` (docs/methods.md §2).
 
 Stem conv 3->24 (no BN/ReLU after it); dense blocks of 6 bottleneck layers
 (BN-ReLU-1x1 conv to 48, BN-ReLU-3x3 conv to 12); transitions halve channels
@@ -8,7 +8,8 @@ branches, a bug we do not port), the final BatchNorm, ReLU, pooling and FC.
 
 We build the standard DenseNet-BC head *with* the final BatchNorm over 132
 channels (176,122 / 188,092 parameters); ``final_norm=False`` gives the PCL
-reproduction's variant without it (175,858 / 187,828).
+reproduction's variant without it (175,858 / 187,828); the config key is
+``model.final_norm``.
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def densenet40_12_spec(num_classes: int, growth: int = 12, layers_per_block: int
         head = [nn.BatchNorm2d(c3)] if final_norm else []
         to_map = [dense_block(c2, layers_per_block, growth, bn_size), *head, nn.ReLU(inplace=True)]
         body = nn.Sequential(*to_map, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        branch = Branch(body, nn.Linear(c3, num_classes), map_layers=len(to_map))
+        branch = Branch(body, nn.Linear(c3, num_classes), map_layers=len(to_map), pool_layers=len(to_map) + 2)
         init_weights(branch)
         return branch
 

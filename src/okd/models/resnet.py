@@ -1,4 +1,4 @@
-"""CIFAR ResNets as in OKDDip's ``model_cifar/resnet.py`` (spec section 2).
+"""CIFAR ResNets as in OKDDip's ``model_cifar/resnet.py`` (docs/methods.md §2).
 
 torchvision-style blocks with a 3x3 stem, option-B (1x1 conv + BN) projection
 shortcuts, Kaiming-normal (fan_out) conv init. ``resnet110`` is Bottleneck
@@ -105,7 +105,7 @@ def resnet_spec(block, layers: Sequence[int], num_classes: int, widths=(16, 32, 
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         init_weights(body)
-        return Branch(body, nn.Linear(feature_dim, num_classes), map_layers=1)
+        return Branch(body, nn.Linear(feature_dim, num_classes), map_layers=1, pool_layers=3)
 
     return BackboneSpec(make_trunk, make_branch, feature_dim, trunk_channels=widths[1] * block.expansion)
 

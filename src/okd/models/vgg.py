@@ -1,8 +1,12 @@
-"""VGG-16 for CIFAR as in OKDDip's ``model_cifar/vgg.py`` (spec section 2).
+"""VGG-16 for CIFAR as in OKDDip's ``model_cifar/vgg.py`` (docs/methods.md §2).
 
 13 conv(bias)+BN+ReLU layers, 3-layer classifier. The trunk ends after the
 first 10 convs (512x2x2); a branch is the last 3 convs, the final max-pool and
-the classifier. Dropout defaults to 0.0, as in the PCL reproduction.
+the classifier. The branch's pooled feature is the flattened 512-d conv output
+(what OKDDip's attention and PCL's peer ensemble read), not the hidden FC
+activation. Dropout (``model.dropout``) defaults per method: 0.5 in the
+multi-branch VGG of ONE, CL and OKDDip, 0.0 elsewhere (the single-network
+``vgg.py`` and the PCL reproduction).
 """
 from __future__ import annotations
 
@@ -26,6 +30,11 @@ def conv_layers(cfg, cin):
     return layers
 
 
+def init_linear(layer: nn.Linear) -> None:
+    nn.init.normal_(layer.weight, 0, 0.01)
+    nn.init.zeros_(layer.bias)
+
+
 def init_weights(module):
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
@@ -35,8 +44,7 @@ def init_weights(module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
+            init_linear(m)
 
 
 @BACKBONES.register("vgg16")
@@ -53,8 +61,8 @@ def vgg16_spec(num_classes: int, dropout: float = 0.0) -> BackboneSpec:
             nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
         )
-        branch = Branch(body, nn.Linear(512, num_classes), map_layers=len(convs))
+        branch = Branch(body, nn.Linear(512, num_classes), map_layers=len(convs), pool_layers=len(convs) + 1)
         init_weights(branch)
         return branch
 
-    return BackboneSpec(make_trunk, make_branch, 512, trunk_channels=512)
+    return BackboneSpec(make_trunk, make_branch, 512, trunk_channels=512, init_linear=init_linear)
