@@ -1,5 +1,16 @@
+"""Shared test helpers (imported as ``from conftest import ...``) and fixtures."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "configs" / "quickstart.yml")
 
 
 @pytest.fixture(autouse=True)
@@ -7,3 +18,38 @@ def _small_threads():
     # CI has 2 cores; keep runs comparable and deterministic
     torch.set_num_threads(2)
     yield
+
+
+def records(run_dir):
+    """The epoch records of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def tree_digest(path):
+    """One hash of every file name and content under ``path``: equal digests = nothing changed."""
+    h = hashlib.sha256()
+    for p in sorted(Path(path).rglob("*")):
+        h.update(str(p.relative_to(path)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def run_cli(*argv, env=None, timeout=300):
+    """``python main.py ARGV`` in a fresh process (for exit codes, stderr and signals)."""
+    return subprocess.run([sys.executable, str(REPO / "main.py"), *argv], capture_output=True, text=True,
+                          cwd=str(REPO), timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def softmax_kl(student, teacher, T):
+    """T^2 * mean_i sum_c p_t log(p_t / p_s), written out without okd's helpers."""
+    p_t = torch.exp(teacher / T) / torch.exp(teacher / T).sum(1, keepdim=True)
+    p_s = torch.exp(student / T) / torch.exp(student / T).sum(1, keepdim=True)
+    return T * T * (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+
+
+def random_batch(n_views, batch=4, classes=10, seed=1):
+    """(views, labels): ``n_views`` random 32x32 images of the same labels."""
+    g = torch.Generator().manual_seed(seed)
+    views = [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(n_views)]
+    return views, torch.randint(0, classes, (batch,), generator=g)

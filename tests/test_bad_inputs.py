@@ -9,19 +9,11 @@ import torch
 from PIL import Image
 
 from okd.cli import main
+from conftest import REPO, tree_digest
 
-REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--config", str(REPO / "configs/quickstart.yml"), "data.train_subset=192", "data.test_subset=64",
          "train.batch_size=64", "train.epochs=1", "schedule.milestones=[1]", "method.rampup_epochs=2", "device=cpu"]
 
-
-def tree_digest(path):
-    h = hashlib.sha256()
-    for p in sorted(Path(path).rglob("*")):
-        h.update(str(p.relative_to(path)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

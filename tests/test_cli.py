@@ -14,8 +14,8 @@ from okd import checkpoint
 from okd.cli import main
 from okd.config import DataConfig
 from okd.data import Normalizer, load_dataset
+from conftest import REPO, records, run_cli, tree_digest
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.train_subset=192", "data.test_subset=96", "train.batch_size=64", "train.eval_batch_size=50",
         "method.rampup_epochs=2", "schedule.milestones=[1]", "train.log_every=2", "device=cpu"]
 
@@ -25,21 +25,7 @@ def args(tmp_path, *extra, name="run"):
             f"output.root={tmp_path}", *TINY, *extra]
 
 
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
-
-def tree_digest(path):
-    h = hashlib.sha256()
-    for p in sorted(Path(path).rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(path)).encode() + p.read_bytes())
-    return h.hexdigest()
-
-
-def run_cli(*argv, env=None):
-    return subprocess.run([sys.executable, str(REPO / "main.py"), *argv], capture_output=True, text=True,
-                          cwd=str(REPO), timeout=300, env={**os.environ, **(env or {})})
 
 
 def test_cli_run_writes_labelled_outputs(tmp_path):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from okd.methods.pcl import PCL
 from okd.models import backbone_spec
+from conftest import softmax_kl
 
 
 def make_pcl(num_peers=3, classes=5, **kw):
@@ -14,12 +15,6 @@ def make_pcl(num_peers=3, classes=5, **kw):
     opts = PCL.Options(num_peers=num_peers, **kw)
     return PCL(backbone_spec("resnet8_tiny", classes), classes, opts)
 
-
-def softmax_kl(student, teacher, T):
-    """T^2 * mean_i sum_c p_t log(p_t / p_s), written out without okd's helpers."""
-    p_t = torch.exp(teacher / T) / torch.exp(teacher / T).sum(1, keepdim=True)
-    p_s = torch.exp(student / T) / torch.exp(student / T).sum(1, keepdim=True)
-    return T * T * (p_t * (p_t.log() - p_s.log())).sum(1).mean()
 
 
 def independent_loss(method, views, labels, epoch, R=80, T=3.0):

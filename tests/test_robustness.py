@@ -13,14 +13,11 @@ import torch
 
 from okd import checkpoint
 from okd.cli import main
+from conftest import REPO, records
 
-REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--config", str(REPO / "configs/quickstart.yml"), "data.train_subset=384", "data.test_subset=97",
          "train.batch_size=64", "schedule.milestones=[1]", "method.rampup_epochs=2", "device=cpu", "train.threads=1"]
 
-
-def records(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def final_weights(run_dir):

@@ -12,7 +12,8 @@ def load_model(path, map_location="cpu"):
     from . import checkpoint
 
     blob = checkpoint.load(path, map_location)
-    model = create_model(blob["model_name"], blob["num_classes"])
+    saved = (blob.get("config") or {}).get("model") or {}
+    model = create_model(blob["model_name"], blob["num_classes"], final_norm=saved.get("final_norm"))
     model.load_state_dict(blob["deploy"])
     return model.eval()
 

@@ -1,0 +1,134 @@
+"""The method and backbone contracts, checked for every registered method and backbone.
+
+Parametrised over the registries, not literal lists: a new method or backbone file
+is checked here without editing this file.
+"""
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from conftest import random_batch
+from okd import create_model
+from okd.errors import ConfigError, OkdError
+from okd.methods import METHODS, KDOptions, Method, MethodOptions, build_method, total_loss
+from okd.methods.base import MethodContractError
+from okd.models import BACKBONES, backbone_spec
+from okd.registry import Registry
+
+LARGE = {"resnet110", "wrn20_8", "vgg16"}  # 1-30 M parameters per network: slow to build 8 times
+CLASSES = 10
+
+
+def backbone_params(names):
+    return [pytest.param(b, marks=pytest.mark.slow) if b in LARGE else b for b in names]
+
+
+@pytest.mark.parametrize("backbone", backbone_params(BACKBONES.names()))
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_keeps_the_contract_on_every_backbone(name, backbone):
+    torch.manual_seed(0)
+    method = build_method(name, backbone_spec(backbone, CLASSES), CLASSES, METHODS.get(name).Options()).train()
+    views, labels = random_batch(method.num_views, classes=CLASSES)
+    loss, terms = method.training_loss(views, labels, epoch=40)
+    # the loss is the sum of the logged terms, all finite
+    assert terms and all(torch.isfinite(v) for v in terms.values())
+    assert torch.equal(loss, total_loss(terms))
+    assert loss.item() == pytest.approx(sum(v.item() for v in terms.values()), rel=1e-6)
+    loss.backward()
+    method.after_step(0)
+    method.eval()
+    test_images = torch.randn(3, 3, 32, 32)
+    logits = method.evaluate_logits(test_images)
+    assert all(z.shape == (3, CLASSES) for z in logits.values())
+    summaries = method.summary_metrics({k: float(i) for i, k in enumerate(logits)})
+    assert summaries[0].key == "reported"
+    # the deployable network is the reported model: same logits, bit for bit
+    deployed = create_model(backbone, CLASSES).eval()
+    deployed.load_state_dict(method.deployable_state_dict(), strict=True)
+    reported = [k for i, k in enumerate(logits) if float(i) == summaries[0].value]
+    assert len(reported) == 1
+    assert torch.equal(deployed(test_images), logits[reported[0]])
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_kd_weight_is_coefficient_times_rampup(name):
+    options = METHODS.get(name).Options()
+    method = build_method(name, backbone_spec("resnet8_tiny", CLASSES), CLASSES, options)
+    if not isinstance(options, KDOptions):
+        assert method.kd_weight(0) is None
+        return
+    R = options.rampup_epochs
+    for epoch in (0, 7, 200):
+        ramp = 1.0 if R == 0 else math.exp(-5 * (1 - min(epoch, R) / R) ** 2)
+        assert method.kd_weight(epoch) == pytest.approx(options.kd_coefficient() * ramp, rel=1e-12)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES.names())
+def test_every_backbone_keeps_the_trunk_branch_shape_contract(backbone):
+    """FFL fuses last maps of feature_dim channels, OKDDip pools them, ONE's gate reads trunk_channels."""
+    spec = backbone_spec(backbone, CLASSES)
+    trunk, branch = spec.make_trunk().eval(), spec.make_branch().eval()
+    with torch.no_grad():
+        shared = trunk(torch.randn(2, 3, 32, 32))
+        fmap = branch.feature_map(shared)
+        out = branch(shared)
+    assert shared.shape[1] == spec.trunk_channels
+    assert fmap.dim() == 4 and fmap.shape[1] == spec.feature_dim
+    assert out.feature.shape == (2, spec.feature_dim) and out.logits.shape == (2, CLASSES)
+    assert torch.allclose(out.feature, fmap.mean(dim=(2, 3)), atol=1e-6)  # the feature is the pooled map
+    assert branch.fc.in_features in (spec.feature_dim, 512)  # VGG's hidden FC layers keep 512
+
+
+def test_an_incomplete_method_fails_when_built_naming_what_is_missing():
+    class Half(Method):
+        @dataclass
+        class Options(MethodOptions):
+            pass
+
+        def forward_train(self, views, labels, epoch):
+            return {}
+
+        def evaluate_logits(self, images):
+            return {}
+
+    with pytest.raises(MethodContractError) as err:
+        Half(backbone_spec("resnet8_tiny", CLASSES), CLASSES, Half.Options())
+    message = str(err.value)
+    assert "\n" not in message and isinstance(err.value, OkdError)
+    assert "deployable_state_dict, summary_metrics" in message and "test_contract.py" in message
+
+
+def test_registering_a_method_without_its_own_options_is_refused():
+    with pytest.raises(MethodContractError, match="needs its own 'Options' dataclass"):
+        @METHODS.register("no_options_here")
+        class NoOptions(Method):  # noqa: F841  (inherits Method.Options)
+            pass
+    assert "no_options_here" not in METHODS
+
+
+def test_unknown_names_say_where_a_new_entry_goes():
+    with pytest.raises(ConfigError) as err:
+        METHODS.get("mvcl")
+    text = str(err.value)
+    assert "did you mean 'cl'" in text and "src/okd/methods/" in text and "@METHODS.register('mvcl')" in text
+    with pytest.raises(ConfigError, match=r"src/okd/models/ .*@BACKBONES.register\('resnet56'\)"):
+        BACKBONES.get("resnet56")
+
+
+def test_a_new_module_in_a_registry_package_is_found_without_editing_another_file(tmp_path, monkeypatch):
+    from okd.registry import import_submodules
+
+    package = tmp_path / "plugins"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "mvcl.py").write_text(
+        "from okd_contract_test_registry import REG\n@REG.register('mvcl')\ndef mvcl():\n    return 1\n")
+    registry = Registry("thing")
+    import types
+    import sys
+    monkeypatch.setitem(sys.modules, "okd_contract_test_registry", types.SimpleNamespace(REG=registry))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import_submodules("plugins", [str(package)])
+    assert registry.get("mvcl")() == 1
