@@ -1,7 +1,5 @@
 """Every user mistake: one line naming the problem and the fix, exit code 2, no traceback, and no
 change to any existing run (nor any new file) under the output root."""
-import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,10 +1,5 @@
 """End to end through the command line: outputs, resume, determinism, refusals and error paths."""
-import hashlib
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+import math
 
 import pytest
 import torch
@@ -45,13 +40,18 @@ def test_cli_run_writes_labelled_outputs(tmp_path):
     assert rec["summary"]["reported"]["last"] == rec["val"]["top1"]["mean_peer1"]
     assert rec["summary"]["best_mean_peer"]["last"] == max(rec["val"]["top1"][f"mean_peer{j}"] for j in (1, 2, 3))
     assert set(rec["train"]["loss"]) == {"ce_ensemble", "ce_peers", "kd_ensemble", "kd_mean", "total"}
+    # metrics version 2: the logged terms are weighted and add up to the total; the KD weight is logged
+    loss = rec["train"]["loss"]
+    assert rec["metrics_version"] == 2
+    assert loss["total"] == pytest.approx(sum(v for k, v in loss.items() if k != "total"), rel=1e-6)
+    assert rec["train"]["kd_weight"] == pytest.approx(math.exp(-5.0), rel=1e-12)  # epoch 0 of a 2-epoch ramp-up
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/lr", "train/loss/total", "train/loss/kd_mean", "val/acc/mean_peer1", "val/acc/ensemble",
+    assert {"train/lr", "train/kd_weight", "train/loss/total", "train/loss/kd_mean", "val/acc/mean_peer1", "val/acc/ensemble",
             "val/summary/reported"} <= tags
     assert events.Scalars("val/acc/mean_peer1")[0].value == pytest.approx(rec["val"]["top1"]["mean_peer1"])
 

@@ -4,12 +4,15 @@ Parametrised over the registries, not literal lists: a new method or backbone fi
 is checked here without editing this file.
 """
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import random_batch
+from conftest import REPO, random_batch
 from okd import create_model
 from okd.errors import ConfigError, OkdError
 from okd.methods import METHODS, KDOptions, Method, MethodOptions, build_method, total_loss
@@ -36,8 +39,14 @@ def test_every_method_keeps_the_contract_on_every_backbone(name, backbone):
     assert terms and all(torch.isfinite(v) for v in terms.values())
     assert torch.equal(loss, total_loss(terms))
     assert loss.item() == pytest.approx(sum(v.item() for v in terms.values()), rel=1e-6)
+    # one SGD step over the method's parameter groups trains (nearly) every parameter
+    opt = torch.optim.SGD(method.parameter_groups(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    before = [p.detach().clone() for g in method.parameter_groups() for p in g["params"]]
     loss.backward()
+    opt.step()
     method.after_step(0)
+    after = [p for g in method.parameter_groups() for p in g["params"]]
+    assert sum(not torch.equal(a, b) for a, b in zip(before, after)) > 0.9 * len(before)
     method.eval()
     test_images = torch.randn(3, 3, 32, 32)
     logits = method.evaluate_logits(test_images)
@@ -132,3 +141,46 @@ def test_a_new_module_in_a_registry_package_is_found_without_editing_another_fil
     monkeypatch.syspath_prepend(str(tmp_path))
     import_submodules("plugins", [str(package)])
     assert registry.get("mvcl")() == 1
+
+
+def readme_examples():
+    """The code blocks of the README's 'Extending okd' section, keyed by the file they stand for."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Extending okd"):text.index("## Config reference")]
+    blocks = re.findall(r"```python\n(# (src/okd/\S+)\n.*?)```", section, flags=re.S)
+    return {path: code for code, path in blocks}
+
+
+def test_the_readme_extension_examples_work_as_printed(tmp_path):
+    from okd.data import DATASETS
+    from okd.config import DataConfig, load_config
+    from okd.data import load_dataset
+
+    examples = readme_examples()
+    assert set(examples) == {"src/okd/methods/ekd.py", "src/okd/models/resnet20.py", "src/okd/data/npz.py"}
+    registries = {"src/okd/methods/ekd.py": (METHODS, "ekd"), "src/okd/models/resnet20.py": (BACKBONES, "resnet20"),
+                  "src/okd/data/npz.py": (DATASETS, "npz")}
+    added = []
+    try:
+        for path, code in examples.items():
+            added.append(registries[path])
+            exec(compile(code, path, "exec"), {"__name__": f"readme_{Path(path).stem}"})
+        # the method keeps the contract (and trains through the config like any other)
+        test_every_method_keeps_the_contract_on_every_backbone("ekd", "resnet8_tiny")
+        cfg = load_config(None, ["method.name=ekd", "method.temperature=4", "model.name=resnet20"])
+        assert cfg.method.temperature == 4.0 and cfg.method.num_branches == 3
+        # ResNet-20: 3 stages of 3 BasicBlocks, 0.27 M parameters at 10 classes
+        test_every_backbone_keeps_the_trunk_branch_shape_contract("resnet20")
+        assert sum(p.numel() for p in create_model("resnet20", 10).parameters()) == 272_474
+        # the dataset: a missing file is one line, a present one loads
+        with pytest.raises(OkdError, match="expects .*data.npz holding x_train"):
+            load_dataset(DataConfig(name="npz", root=str(tmp_path)))
+        rng = np.random.default_rng(0)
+        np.savez(tmp_path / "data.npz", x_train=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+                 y_train=np.arange(20) % 4, x_test=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+                 y_test=np.arange(8) % 4)
+        data = load_dataset(DataConfig(name="npz", root=str(tmp_path)))
+        assert data.train.images.shape == (20, 3, 32, 32) and data.num_classes == 4
+    finally:
+        for registry, name in added:
+            registry._entries.pop(name, None)

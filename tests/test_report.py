@@ -83,3 +83,30 @@ def test_reads_a_real_run(tmp_path, capsys):
     assert main([str(tmp_path), "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert {(r["dataset"], r["backbone"], r["method"], r["n"]) for r in rows} == {("digits", "resnet8_tiny", "dml", "1")}
+
+
+def test_reads_metrics_of_both_versions_alike(tmp_path, capsys):
+    """metrics_version 1 (raw terms, no kd_weight) and 2 (weighted terms) run directories in one table."""
+    from okd.report import read_metrics
+
+    old = fake_run(tmp_path, "cifar10", "resnet32", "pcl", 0, [50.0, 60.0])
+    v1 = [{"epoch": 1, "train": {"loss": {"total": 9.0, "ce_peers": 6.0, "kd_mean": 100.0}},
+           "summary": {"reported": {"last": 50.0}}},
+          {"epoch": 2, "train": {"loss": {"total": 8.0, "ce_peers": 5.0, "kd_mean": 90.0}},
+           "summary": {"reported": {"last": 60.0}}}]
+    (old / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in v1))
+    new = fake_run(tmp_path, "cifar10", "resnet32", "pcl", 1, [54.0, 64.0])
+    v2 = [{"metrics_version": 2, "epoch": e, "train": {"loss": {"total": 7.0, "ce_peers": 5.0, "kd_mean": 2.0},
+                                                      "kd_weight": 0.02}, "summary": {"reported": {"last": v}}}
+          for e, v in ((1, 54.0), (2, 64.0))]
+    (new / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in v2) + '{"epoch": 3, "tra')
+    first_old, first_new = read_metrics(old)[0], read_metrics(new)[0]
+    assert first_old["metrics_version"] == 1 and first_old["train"]["kd_weight"] is None
+    assert first_old["train"]["loss"] == {"total": 9.0}  # raw terms are not passed off as weighted ones
+    assert first_old["train"]["loss_unweighted"] == {"ce_peers": 6.0, "kd_mean": 100.0}
+    assert first_new["train"]["loss"] == {"total": 7.0, "ce_peers": 5.0, "kd_mean": 2.0}
+    assert len(read_metrics(new)) == 2  # the torn line of a killed run is skipped
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    best = [r for r in rows if r["variant"] == "best"][0]
+    assert best["n"] == "2" and float(best["mean"]) == 62.0  # (60 + 64) / 2

@@ -1,5 +1,4 @@
 """Multi-process training, kills, stop signals, damaged checkpoints and non-finite losses."""
-import json
 import os
 import random
 import signal

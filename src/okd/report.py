@@ -73,6 +73,35 @@ def find_run_dirs(paths: Iterable[str]) -> List[Path]:
     return list(dict.fromkeys(found))
 
 
+def normalise_record(record: Dict) -> Dict:
+    """An epoch record of any ``metrics_version`` in the current shape (see ``okd.logger``).
+
+    Version 1 logged the methods' raw loss terms; they move to ``train.loss_unweighted`` so that no
+    reader takes them for the weighted terms of version 2, and ``train.kd_weight`` is unknown (None).
+    """
+    record = dict(record)
+    version = int(record.get("metrics_version", 1))
+    train = dict(record.get("train") or {})
+    if version == 1 and "loss" in train:
+        loss = dict(train["loss"])
+        train["loss"] = {"total": loss.pop("total")} if "total" in loss else {}
+        train["loss_unweighted"] = loss
+    train.setdefault("kd_weight", None)
+    record["train"], record["metrics_version"] = train, version
+    return record
+
+
+def read_metrics(run_dir: Path) -> List[Dict]:
+    """The epoch records of ``metrics.jsonl``, normalised; a torn last line (a killed run) is skipped."""
+    out = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            out.append(normalise_record(json.loads(line)))
+        except (ValueError, TypeError, AttributeError):
+            continue
+    return out
+
+
 def read_run(run_dir: Path, metric: str = "reported") -> Optional[Run]:
     try:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
@@ -82,12 +111,11 @@ def read_run(run_dir: Path, metric: str = "reported") -> Optional[Run]:
         print(f"okd-report: skipping '{run_dir}': unreadable config.yaml", file=sys.stderr)
         return None
     curve = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for record in read_metrics(run_dir):
         try:
-            record = json.loads(line)
             curve[int(record["epoch"])] = float(record["summary"][metric]["last"])
         except (ValueError, KeyError, TypeError):
-            continue  # an epoch without evaluation, or a torn last line of a killed run
+            continue  # an epoch without evaluation
     run.curve = sorted(curve.items())
     return run
 
