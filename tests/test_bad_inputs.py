@@ -95,6 +95,10 @@ CASES = [
     ("zero-sized subset", ["data.train_subset=0"], {}, "'data.train_subset' must be > 0"),
     ("unknown command-line flag", ["--sed", "1"], {}, "unrecognized arguments: --sed"),
     ("flag with a wrong type", ["--seed", "abc"], {}, "invalid int value: 'abc'"),
+    ("dropout on a backbone without it", ["model.dropout=0.5"], {}, "'model.dropout' does not apply to resnet8_tiny"),
+    ("final_norm on a backbone without it", ["model.final_norm=false"], {},
+     "'model.final_norm' does not apply to resnet8_tiny (only to densenet40_12)"),
+    ("negative ramp-up", ["method.rampup_epochs=-1"], {}, "'method.rampup_epochs' must be >= 0 for pcl"),
 ]
 
 

@@ -3,7 +3,10 @@
 Run directories are resumable by rerunning the same command (DINO style): if
 ``<output.root>/<run_name>/last.pt`` exists the run continues from it, a
 finished run is not retrained, and an existing run is only replaced with
-``--overwrite`` (which moves it aside, never deletes it).
+``--overwrite`` (which moves it aside, never deletes it). A run directory has
+one owner at a time (``okd.runlock``). ``run`` builds everything in one pass:
+config -> checks -> checkpoint (read) -> data -> method -> optimization ->
+restored state -> run directory (locked, written) -> ``Trainer``.
 """
 from __future__ import annotations
 
