@@ -133,3 +133,28 @@ def test_a_full_disk_elsewhere_is_one_line_too(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert err.startswith("okd: error: no space left on the device writing") and "metrics.jsonl" in err
     assert "\n" not in err
+
+
+def test_a_run_directory_written_while_this_run_started_is_not_overwritten(tmp_path, capsys, monkeypatch):
+    """The race of two launches: the other one wrote last.pt after this one read the directory."""
+    from okd import cli
+
+    run = [*TINY, f"output.root={tmp_path}", "--save_dir", "run"]
+    assert main([*run, "train.epochs=1"]) == 0
+    run_dir = tmp_path / "run"
+    original = cli.load_checked_dataset
+
+    def meanwhile(cfg):  # another process finishes an epoch while this one loads its data
+        (run_dir / "last.pt").write_bytes((run_dir / "last.pt").read_bytes() + b"")
+        os.utime(run_dir / "last.pt", ns=(1, 1))
+        return original(cfg)
+
+    monkeypatch.setattr(cli, "load_checked_dataset", meanwhile)
+    before = (run_dir / "last.pt").read_bytes(), (run_dir / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main([*run, "train.epochs=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was written by another process while this one was starting" in err and "\n" not in err
+    assert ((run_dir / "last.pt").read_bytes(), (run_dir / "metrics.jsonl").read_text()) == before
+    monkeypatch.undo()
+    assert main([*run, "train.epochs=2"]) == 0  # and the lock was released

@@ -11,6 +11,12 @@ and config: it is what ``okd.load_model`` reads for inference.
 File layout: one header line ``okd-checkpoint <version> <sha256> <bytes>``,
 then the ``torch.save`` payload. The header lets a truncated or corrupted file
 be named as such instead of failing somewhere inside unpickling.
+
+A write that fails removes its temporary files; a full disk is a one-line
+``DiskFullError`` (the file, the space needed and free). Temporaries that a
+killed process left behind are removed by ``remove_temporaries`` when the next
+run takes the run directory's lock. What goes into ``last.pt`` / ``best.pt``,
+and when, is ``okd.checkpointing``'s.
 """
 from __future__ import annotations
 

@@ -167,6 +167,7 @@ def run(args) -> int:
     cfg = load_config(args.config, list(args.overrides) + flag_overrides(args))
     device = prepare_runtime(cfg, dist)
     runlock.check_free(cfg.run_dir)  # read-only: a busy run directory is refused before any work
+    seen = runlock.fingerprint(cfg.run_dir)
     blob, resume_from = find_checkpoint(cfg, args)
     if blob is not None and not args.resume and blob["epoch"] >= cfg.train.epochs:
         # a finished cell of a table costs nothing to skip: no data is loaded
@@ -180,7 +181,7 @@ def run(args) -> int:
     optimization = Optimization.build(cfg, method, device)
     # the checkpoint is loaded before anything is written: one that does not fit leaves no trace
     state = checkpointing.restore(blob, resume_from, cfg, method, optimization) if blob else RunState()
-    with open_run_dir(cfg, args.overwrite, dist, resume_epoch=state.epoch) as log:
+    with open_run_dir(cfg, args.overwrite, dist, state.epoch, seen) as log:
         log_header(log, cfg, dataset, method, device, dist, state, resume_from)
         if state.epoch < cfg.train.epochs:
             checkpoints = CheckpointPolicy(cfg.run_dir if dist.is_main else None, cfg.checkpoint.every_n_steps)
@@ -237,12 +238,12 @@ def build_run_method(cfg: Config, num_classes: int, device: torch.device) -> Met
 
 
 @contextlib.contextmanager
-def open_run_dir(cfg: Config, overwrite: bool, dist: DistInfo, resume_epoch: int):
+def open_run_dir(cfg: Config, overwrite: bool, dist: DistInfo, resume_epoch: int, seen: tuple):
     """Rank 0 locks the run directory, writes config.yaml and opens the logs; yields the logger."""
     lock, error = None, None
     if dist.is_main:
         try:
-            lock = claim_run_dir(cfg, overwrite)
+            lock = claim_run_dir(cfg, overwrite, seen)
         except OkdError as exc:
             error = exc
     if not distributed.all_agree(error is None):
@@ -258,7 +259,12 @@ def open_run_dir(cfg: Config, overwrite: bool, dist: DistInfo, resume_epoch: int
             lock.release()
 
 
-def claim_run_dir(cfg: Config, overwrite: bool) -> runlock.RunLock:
+def claim_run_dir(cfg: Config, overwrite: bool, seen: tuple) -> runlock.RunLock:
+    """Lock the run directory (moving an old run aside with --overwrite) and write config.yaml.
+
+    ``seen`` is the directory's fingerprint when its checkpoint was read: if another process
+    wrote it since, what was read is stale and nothing is written.
+    """
     run_dir = cfg.run_dir
     try:
         if overwrite and run_dir.exists() and any(run_dir.iterdir()):
@@ -269,6 +275,10 @@ def claim_run_dir(cfg: Config, overwrite: bool) -> runlock.RunLock:
             finally:
                 old.release()
         lock = runlock.RunLock(run_dir).acquire()
+        if not overwrite and runlock.fingerprint(run_dir) != seen:
+            lock.release()
+            raise runlock.RunDirBusy(f"run directory '{run_dir}' was written by another process while this one "
+                                     f"was starting; rerun the same command to continue from what it wrote")
         checkpoint.remove_temporaries(run_dir)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
         return lock

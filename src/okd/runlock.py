@@ -61,6 +61,18 @@ def check_free(run_dir: Path) -> None:
         os.close(fd)
 
 
+def fingerprint(run_dir: Path) -> tuple:
+    """Identity (inode, size, mtime) of the files a starting run reads: changes when anyone rewrites them."""
+    out = []
+    for name in ("config.yaml", "last.pt", "last.prev.pt"):
+        try:
+            st = (Path(run_dir) / name).stat()
+            out.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((name, None))
+    return tuple(out)
+
+
 class RunLock:
     """Held from ``acquire`` until ``release`` (or the process's end, however it ends)."""
 

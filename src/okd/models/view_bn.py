@@ -41,7 +41,7 @@ class ViewSyncBatchNorm(PerViewNorm, nn.SyncBatchNorm):
     pass
 
 
-def _replace(module: nn.Module, child: _BatchNorm, cls) -> nn.Module:
+def _replace(child: _BatchNorm, cls) -> nn.Module:
     new = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
     new.load_state_dict(child.state_dict())
     new.views = getattr(child, "views", 1)
@@ -52,7 +52,7 @@ def convert_view_bn(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm2d in ``module`` by a ViewBatchNorm2d with the same state (keys unchanged)."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
-            setattr(module, name, _replace(module, child, ViewBatchNorm2d))
+            setattr(module, name, _replace(child, ViewBatchNorm2d))
         else:
             convert_view_bn(child)
     return module
@@ -66,9 +66,9 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """
     for name, child in module.named_children():
         if isinstance(child, PerViewNorm) and not isinstance(child, nn.SyncBatchNorm):
-            setattr(module, name, _replace(module, child, ViewSyncBatchNorm))
+            setattr(module, name, _replace(child, ViewSyncBatchNorm))
         elif isinstance(child, _BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
-            setattr(module, name, _replace(module, child, nn.SyncBatchNorm))
+            setattr(module, name, _replace(child, nn.SyncBatchNorm))
         else:
             convert_sync_batchnorm(child)
     return module
