@@ -20,7 +20,7 @@ import yaml
 
 from .errors import ConfigError
 from .methods import METHODS, MethodOptions
-from .models import backbone_options
+from .models import backbone_options, check_model_options
 from .registry import closest
 
 
@@ -350,11 +350,7 @@ def validate(cfg: Config) -> None:
             _positive(value, f"data.{key}")
     if cfg.model.num_classes is not None:
         _positive(cfg.model.num_classes, "model.num_classes")
-    for key in ("dropout", "final_norm"):
-        if getattr(cfg.model, key) is not None and key not in backbone_options(cfg.model.name):
-            which = [b for b in BACKBONES if key in backbone_options(b)]
-            raise ConfigError(f"config key 'model.{key}' does not apply to {cfg.model.name} (only to "
-                              f"{', '.join(which)}); leave it null")
+    check_model_options(cfg.model.name, dropout=cfg.model.dropout, final_norm=cfg.model.final_norm)
     if cfg.model.dropout is not None and not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
     dev = cfg.device

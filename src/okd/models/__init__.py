@@ -1,6 +1,6 @@
 """Backbones. Importing this package imports every module in it, registering each backbone in ``BACKBONES``."""
 import inspect
-from typing import Optional
+from typing import Dict, Optional
 
 from ..errors import ConfigError
 from ..registry import import_submodules
@@ -19,16 +19,21 @@ def backbone_options(name: str) -> tuple:
     return tuple(k for k in MODEL_OPTIONS if k in params)
 
 
-def backbone_spec(name: str, num_classes: int, **options) -> BackboneSpec:
-    """The spec of backbone ``name``; options left None take the backbone's defaults."""
+def check_model_options(name: str, **options) -> Dict:
+    """The options that are set (not None); a ConfigError for one that backbone ``name`` does not take."""
     options = {k: v for k, v in options.items() if v is not None}
     takes = backbone_options(name)
     for key in options:
         if key not in takes:
             which = [b for b in BACKBONES if key in backbone_options(b)]
             raise ConfigError(f"config key 'model.{key}' does not apply to {BACKBONES.canonical(name)} "
-                              f"(only {', '.join(which) or 'no backbone'}); leave it null")
-    return BACKBONES.get(name)(num_classes, **options)
+                              f"(only to {', '.join(which) or 'no backbone'}); leave it null")
+    return options
+
+
+def backbone_spec(name: str, num_classes: int, **options) -> BackboneSpec:
+    """The spec of backbone ``name``; options left None take the backbone's defaults."""
+    return BACKBONES.get(name)(num_classes, **check_model_options(name, **options))
 
 
 def create_model(name: str, num_classes: int, dropout: Optional[float] = None,
@@ -39,4 +44,4 @@ def create_model(name: str, num_classes: int, dropout: Optional[float] = None,
 
 
 __all__ = ["BACKBONES", "MODEL_OPTIONS", "BackboneSpec", "Branch", "BranchOutput", "BranchOutputs", "IndependentNets",
-           "MultiBranchNet", "SingleNet", "backbone_options", "backbone_spec", "create_model"]
+           "MultiBranchNet", "SingleNet", "backbone_options", "backbone_spec", "check_model_options", "create_model"]
