@@ -21,8 +21,8 @@ Optional: ``num_views`` (independently augmented views per batch), ``after_step`
 module), ``branch_dropout`` (the method's default ``model.dropout``).
 
 Options are a dataclass ``Options`` on the class, validated under ``method.*``;
-``KDOptions`` carries the options every distillation method shares
-(temperature, ramp-up, number of members) and checks them once.
+``KDOptions`` declares what every distillation method has (temperature,
+ramp-up) and checks it, with any member count and ``kd_weight``, once.
 Each loss is also a plain function of logits in the method's file (or in
 ``okd.losses``), so it is tested against hand-computed values.
 """
