@@ -51,9 +51,9 @@ def test_the_lock_is_released_on_exit_and_a_stale_one_is_taken_over(tmp_path):
     assert main([*TINY, "train.epochs=1", f"output.root={tmp_path}", "--save_dir", "run"]) == 0
     log = (run_dir / "log.txt").read_text()
     assert f"took over the stale lock of pid {other.pid}" in log
-    # released after a clean exit (the file stays, emptied) and after an error exit
+    # released after a clean exit: the file stays, emptied, and can be locked again
+    # (release after an error exit: the full-disk test below reruns in the same process)
     assert (run_dir / LOCK_NAME).read_text() == ""
-    assert main([*TINY, "train.epochs=2", "optim.lr=-1", f"output.root={tmp_path}", "--save_dir", "run"]) == 2
     lock = RunLock(run_dir).acquire()
     lock.release()
     assert main([*TINY, "train.epochs=2", f"output.root={tmp_path}", "--save_dir", "run"]) == 0
