@@ -38,10 +38,8 @@ class CheckpointPolicy:
 
     def save_best(self, cfg: Config, method: Method, state: RunState) -> None:
         if self.run_dir is not None:
-            payload = {**identity(cfg, method), **state.to_dict(), "config": cfg.to_dict(),
-                       "deploy": method.deployable_state_dict()}
-            for key in ("batch_in_epoch", "partial", "skipped_steps"):
-                payload.pop(key)
+            payload = {**identity(cfg, method), "epoch": state.epoch, "global_step": state.step,
+                       **state.summaries(), "config": cfg.to_dict(), "deploy": method.deployable_state_dict()}
             checkpoint.save_atomic(payload, self.run_dir / "best.pt")
 
 

@@ -58,8 +58,11 @@ class RunState:
         return {"epoch": self.epoch, "global_step": self.step, "batch_in_epoch": self.batch_in_epoch,
                 "partial": {"sums": dict(self.loss_sums), "images": self.images, "seconds": self.seconds}
                 if self.batch_in_epoch else {},
-                "skipped_steps": self.skipped_steps,
-                "best": {k: asdict(v) for k, v in self.best.items()},
+                "skipped_steps": self.skipped_steps, **self.summaries()}
+
+    def summaries(self) -> Dict:
+        """The best and last summaries in checkpoint form (``best.pt`` carries only these and the counters)."""
+        return {"best": {k: asdict(v) for k, v in self.best.items()},
                 "last": {k: asdict(v) for k, v in self.last.items()}}
 
     @classmethod
