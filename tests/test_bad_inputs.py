@@ -64,7 +64,7 @@ CASES = [
     ("unknown method option", ["--method", "dml", "method.ema_decay=0.9"], {}, "unknown config key 'method.ema_decay'"),
     ("bad method option", ["--method", "kdcl", "method.teacher=linear"], {}, "'method.teacher' must be minlogit or naive"),
     ("unknown dataset", ["data.name=cifar1000"], {}, "unknown dataset 'cifar1000'"),
-    ("unknown precision", ["train.precision=fp8"], {}, "'train.precision' must be fp32 or bf16 or fp16"),
+    ("unknown precision", ["train.precision=fp8"], {}, "'train.precision' must be auto or fp32 or bf16 or fp16"),
     ("zero batch size", ["train.batch_size=0"], {}, "'train.batch_size' must be > 0"),
     ("batch larger than the training set", ["train.batch_size=1000"], {}, "exceeds the 192 training images"),
     ("classes contradict the data", ["model.num_classes=100"], {}, "set model.num_classes=10"),

@@ -20,8 +20,10 @@ def test_defaults_are_paper_protocol():
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (0.1, 0.9, True, 5e-4)
     assert (cfg.train.epochs, cfg.train.batch_size) == (300, 128)
     assert cfg.schedule.milestones == [150, 225] and cfg.schedule.gamma == 0.1
+    # speed settings default to the device (okd.devices): the paper protocol does not depend on them
+    assert (cfg.train.precision, cfg.train.channels_last, cfg.train.cuda_graphs) == ("auto", None, None)
     assert cfg.to_dict()["method"] == {"name": "pcl", "num_peers": 3, "temperature": 3.0, "rampup_epochs": 80,
-                          "ema_decay": 0.999, "ema_buffers": "own", "fused_views": False}
+                          "ema_decay": 0.999, "ema_buffers": "own", "fused_views": None}
 
 
 def test_repo_configs_load():

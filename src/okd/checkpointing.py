@@ -18,6 +18,7 @@ from . import checkpoint
 from .config import Config
 from .errors import CheckpointError
 from .methods import Method
+from .provenance import environment
 from .run_state import RunState
 from .step import Optimization
 
@@ -52,8 +53,10 @@ def training_state(cfg: Config, method: Method, optimization: Optimization, stat
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    device = next(method.parameters()).device
     return {**state.to_dict(), **identity(cfg, method), "method_state": method.state_dict(),
-            **optimization.state_dict(), "rng": rng, "config": cfg.to_dict(), "torch_version": str(torch.__version__)}
+            **optimization.state_dict(), "rng": rng, "config": cfg.to_dict(), "torch_version": str(torch.__version__),
+            "environment": environment(device)}
 
 
 def restore(blob: Dict, path: Path, cfg: Config, method: Method, optimization: Optimization) -> RunState:

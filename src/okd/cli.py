@@ -15,16 +15,16 @@ import contextlib
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import yaml
 
-from . import checkpoint, checkpointing, distributed, runlock
+from . import checkpoint, checkpointing, devices, distributed, runlock
+from .provenance import git_commit
 from .checkpointing import CheckpointPolicy
 from .config import Config, default_tree, dump_yaml, load_config
 from .data import load_dataset
@@ -32,7 +32,7 @@ from .distributed import DistInfo
 from .errors import CheckpointError, ConfigError, DataError, OkdError
 from .logger import NullLogger, RunLogger
 from .methods import Method, build_method
-from .models import backbone_spec
+from .models import backbone_spec, enable_batched_branches
 from .models.view_bn import convert_sync_batchnorm
 from .run_state import RunState
 from .signals import Interrupted
@@ -43,7 +43,7 @@ from .trainer import Trainer
 RESUMABLE_KEYS = {"train.epochs", "device", "train.log_every", "train.eval_every", "train.eval_batch_size",
                   "train.threads", "data.root", "data.cache_dir", "data.download", "output.root",
                   "checkpoint.every_n_steps", "train.max_skipped_steps", "train.channels_last",
-                  "train.compile"}
+                  "train.compile", "train.cuda_graphs", "train.batched_branches", "train.sync_every"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -92,14 +92,20 @@ def flatten(tree: Dict, prefix: str = "") -> Dict:
     return out
 
 
-def config_differences(old: Dict, new: Dict) -> List[str]:
-    """The keys that differ and matter; a key an older okd did not write counts as its default."""
+def config_differences(old: Dict, new: Dict, resolved: Optional[Dict] = None) -> List[str]:
+    """The keys that differ and matter; a key an older okd did not write counts as its default.
+
+    With ``resolved`` (``new`` with its automatic choices made for this device), an
+    old value equal to what ``auto`` chose here is no difference: a run written with
+    ``train.precision: fp32`` continues under ``auto`` on a device where auto is fp32.
+    """
     a, b = flatten(old), flatten(new)
+    c = flatten(resolved) if resolved is not None else b
     method = (new.get("method") or {}).get("name")
     if method is not None and (old.get("method") or {}).get("name") == method:
         a = {**flatten(default_tree(method)), **a}
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)]
+            if k not in RESUMABLE_KEYS and a.get(k) != b.get(k) and a.get(k) != c.get(k)]
 
 
 def resolve_device(name: str, dist: DistInfo = DistInfo()) -> torch.device:
@@ -122,15 +128,6 @@ def resolve_device(name: str, dist: DistInfo = DistInfo()) -> torch.device:
     return torch.device(name)
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def move_aside(run_dir: Path) -> None:
     """--overwrite: the old run is kept under another name, never deleted."""
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -139,7 +136,7 @@ def move_aside(run_dir: Path) -> None:
         print(f"okd: moved the existing run to '{aside}' (--overwrite)")
 
 
-def check_run_dir(cfg: Config, overwrite: bool) -> Optional[Path]:
+def check_run_dir(cfg: Config, overwrite: bool, resolved: Optional[Config] = None) -> Optional[Path]:
     """Read-only check of the run directory; returns the last.pt to resume from, if any."""
     run_dir = cfg.run_dir
     if overwrite or not run_dir.exists() or not any(p.name != runlock.LOCK_NAME for p in run_dir.iterdir()):
@@ -151,7 +148,7 @@ def check_run_dir(cfg: Config, overwrite: bool) -> Optional[Path]:
         old = yaml.safe_load(saved.read_text())
     except yaml.YAMLError:
         raise OkdError(f"'{saved}' is unreadable; choose another --save_dir or pass --overwrite") from None
-    diffs = config_differences(old or {}, cfg.to_dict())
+    diffs = config_differences(old or {}, cfg.to_dict(), resolved.to_dict() if resolved is not None else None)
     if diffs:
         shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
         raise OkdError(f"run directory '{run_dir}' holds a different experiment ({shown}); "
@@ -166,9 +163,10 @@ def run(args) -> int:
     # flags are applied after the dotted overrides: an explicit --model beats model.name=...
     cfg = load_config(args.config, list(args.overrides) + flag_overrides(args))
     device = prepare_runtime(cfg, dist)
+    run_cfg, chosen = devices.resolve_auto(cfg, device, dist)  # config.yaml keeps what was asked for
     runlock.check_free(cfg.run_dir)  # read-only: a busy run directory is refused before any work
     seen = runlock.fingerprint(cfg.run_dir)
-    blob, resume_from = find_checkpoint(cfg, args)
+    blob, resume_from = find_checkpoint(cfg, args, run_cfg)
     if blob is not None and not args.resume and blob["epoch"] >= cfg.train.epochs:
         # a finished cell of a table costs nothing to skip: no data is loaded
         if dist.is_main:
@@ -176,16 +174,16 @@ def run(args) -> int:
                   f"raise train.epochs to continue or pass --overwrite to start over")
         return 0
     dataset = load_checked_dataset(cfg)
-    method = build_run_method(cfg, dataset.num_classes, device)
+    method = build_run_method(run_cfg, dataset.num_classes, device)
     distributed.init(dist, device)
-    optimization = Optimization.build(cfg, method, device)
+    optimization = Optimization.build(run_cfg, method, device)
     # the checkpoint is loaded before anything is written: one that does not fit leaves no trace
-    state = checkpointing.restore(blob, resume_from, cfg, method, optimization) if blob else RunState()
+    state = checkpointing.restore(blob, resume_from, run_cfg, method, optimization) if blob else RunState()
     with open_run_dir(cfg, args.overwrite, dist, state.epoch, seen) as log:
-        log_header(log, cfg, dataset, method, device, dist, state, resume_from)
+        log_header(log, run_cfg, dataset, method, device, dist, state, resume_from, chosen)
         if state.epoch < cfg.train.epochs:
             checkpoints = CheckpointPolicy(cfg.run_dir if dist.is_main else None, cfg.checkpoint.every_n_steps)
-            Trainer(cfg, method, dataset, device, optimization, state, checkpoints, log, dist).fit()
+            Trainer(run_cfg, method, dataset, device, optimization, state, checkpoints, log, dist).fit()
         if state.last:
             log.info(state.summary_line())
     return 0
@@ -199,17 +197,20 @@ def prepare_runtime(cfg: Config, dist: DistInfo) -> torch.device:
     device = resolve_device(cfg.device, dist)
     if cfg.train.sync_bn and not (dist.enabled and device.type == "cuda"):
         raise ConfigError("train.sync_bn needs torchrun on CUDA devices; set train.sync_bn=false")
+    if cfg.train.cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"train.cuda_graphs needs a CUDA device (this run is on {device}); "
+                          f"set train.cuda_graphs=null (automatic) or false")
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // local_procs))
     return device
 
 
-def find_checkpoint(cfg: Config, args):
+def find_checkpoint(cfg: Config, args, resolved: Optional[Config] = None):
     """(checkpoint blob, its path) to continue from: --resume, else the run's last.pt; (None, None) for a new run."""
     if args.resume and not Path(args.resume).is_file():
         raise CheckpointError(f"--resume checkpoint '{args.resume}' does not exist")
     # always check the run directory, so --resume cannot write into another experiment's run
-    last = check_run_dir(cfg, args.overwrite)
+    last = check_run_dir(cfg, args.overwrite, resolved)
     if args.resume:
         return checkpoint.load(Path(args.resume)), Path(args.resume)
     if last is not None:
@@ -233,6 +234,8 @@ def build_run_method(cfg: Config, num_classes: int, device: torch.device) -> Met
     method = build_method(cfg.method.name, spec, num_classes, cfg.method)
     if cfg.train.sync_bn:
         method = convert_sync_batchnorm(method)  # per-view statistics kept under method.fused_views
+    if cfg.train.batched_branches:
+        enable_batched_branches(method)  # after any module replacement: it reads the final layers
     method = method.to(device)
     return method.to(memory_format=torch.channels_last) if cfg.train.channels_last else method
 
@@ -288,11 +291,11 @@ def claim_run_dir(cfg: Config, overwrite: bool, seen: tuple) -> runlock.RunLock:
 
 
 def log_header(log, cfg: Config, dataset, method: Method, device, dist: DistInfo, state: RunState,
-               resume_from: Optional[Path]) -> None:
+               resume_from: Optional[Path], chosen: Sequence[str] = ()) -> None:
     model = ", ".join(f"{k} {v}" for k, v in cfg.model_options().items())
     log.info(f"command: {shlex.join([Path(sys.argv[0]).name] + sys.argv[1:])}")
     log.info(f"okd run '{cfg.run_dir}' | git {git_commit()} | torch {torch.__version__} | python "
-             f"{platform.python_version()} | device {device} | threads {torch.get_num_threads()}"
+             f"{platform.python_version()} | device {device} ({devices.device_name(device)}) | threads {torch.get_num_threads()}"
              + (f" | torchrun world size {dist.world_size}" if dist.enabled else ""))
     log.info(f"data {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images, "
              f"{dataset.num_classes} classes | model {cfg.model.name}{f' ({model})' if model else ''} | method "
@@ -301,6 +304,8 @@ def log_header(log, cfg: Config, dataset, method: Method, device, dist: DistInfo
     if resume_from is not None:
         where = f", batch {state.batch_in_epoch} of epoch {state.epoch + 1}" if state.batch_in_epoch else ""
         log.info(f"resumed from '{resume_from}' at epoch {state.epoch}{where}, step {state.step}")
+    for line in chosen:
+        log.info(line)
     if state.epoch >= cfg.train.epochs:
         log.info(f"run already finished ({state.epoch}/{cfg.train.epochs} epochs); "
                  f"raise train.epochs to continue or pass --overwrite to start over")

@@ -69,12 +69,15 @@ class TrainConfig:
     eval_batch_size: int = 500
     log_every: int = 50  # steps between plain progress lines when not on a terminal
     threads: int = 0  # CPU threads for torch; 0 = all cores
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; losses in fp32; fp16 uses a GradScaler)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; losses in fp32; fp16 uses a GradScaler)
     nonfinite: str = "stop"  # a non-finite loss: stop (keep the last good checkpoint) | skip the step
     max_skipped_steps: int = 10  # with nonfinite: skip, stop after this many skipped steps
     sync_bn: bool = False  # SyncBatchNorm across torchrun processes (CUDA only)
-    channels_last: bool = False  # NHWC memory format for weights and inputs (faster convolutions on most hardware)
+    channels_last: Optional[bool] = None  # NHWC memory format for weights and inputs; null: per device
     compile: bool = False  # torch.compile the training step's forward
+    cuda_graphs: Optional[bool] = None  # the whole step as one CUDA graph; null: on for CUDA in one process
+    batched_branches: Optional[bool] = None  # the m branches as one grouped computation; null: on for CUDA
+    sync_every: int = 0  # steps between host reads of the step flags; 0: 1 on CPU, log_every on CUDA
 
 
 @dataclass
@@ -292,7 +295,7 @@ def default_tree(method_name: str) -> Dict[str, Any]:
     return Config(method=METHODS.get(method_name).Options()).to_dict()
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def _positive(value, key):
@@ -334,8 +337,9 @@ def validate(cfg: Config) -> None:
         if value not in choices:
             raise ConfigError(f"config key '{key}' must be {' or '.join(choices)}, got '{value}'"
                               f"{closest(value, list(choices))}")
-    if cfg.train.max_skipped_steps < 0 or cfg.checkpoint.every_n_steps < 0:
-        raise ConfigError("config keys 'train.max_skipped_steps' and 'checkpoint.every_n_steps' must be >= 0")
+    if cfg.train.max_skipped_steps < 0 or cfg.checkpoint.every_n_steps < 0 or cfg.train.sync_every < 0:
+        raise ConfigError("config keys 'train.max_skipped_steps', 'checkpoint.every_n_steps' and "
+                          "'train.sync_every' must be >= 0")
     if cfg.train.log_every <= 0 or cfg.train.threads < 0:
         raise ConfigError("config key 'train.log_every' must be > 0 and 'train.threads' >= 0")
     if cfg.data.pad < 0:

@@ -1,7 +1,10 @@
 """Temporal mean (EMA) of a model's parameters.
 
 Like timm's ``ModelEmaV3`` the average is kept in a deep copy of the model and
-updated in place with ``torch._foreach_lerp_`` (no per-tensor Python loop).
+updated in place with multi-tensor (``torch._foreach_*``) kernels, no
+per-tensor Python loop. The decay is computed on the device from the step
+index, so an update never reads the device and a CUDA graph of the training
+step replays it correctly at every step.
 Buffers are handled deliberately, by policy:
 
 * ``own`` (PCL's "peer mean teacher", mean-teacher style): only parameters are
@@ -42,15 +45,21 @@ class ModelEMA(nn.Module):
         self.buffer_policy = buffers
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> float:
-        decay = ema_decay(step, self.max_decay)
+    def update(self, model: nn.Module, step, applied=1.0) -> torch.Tensor:
+        """Average in ``model`` after optimizer step ``step`` (an int or a device tensor);
+        nothing moves where ``applied`` is 0 (a skipped step). Returns the decay used."""
         ema_params = list(self.module.parameters())
+        device = ema_params[0].device
+        t = torch.as_tensor(step, device=device).to(torch.float64)
+        decay = torch.clamp(1.0 - 1.0 / (t + 1.0), max=self.max_decay)  # ema_decay on the device
+        weight = ((1.0 - decay) * torch.as_tensor(applied, device=device)).to(ema_params[0].dtype)
         params = [p.detach() for p in model.parameters()]
-        # lerp(ema, p, w) = ema + w (p - ema) = decay * ema + (1 - decay) * p
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        # ema + w (p - ema) = decay * ema + (1 - decay) * p
+        delta = torch._foreach_sub(params, ema_params)
+        torch._foreach_mul_(delta, weight)
+        torch._foreach_add_(ema_params, delta)
         if self.buffer_policy == "copy":
-            for ema_b, b in zip(self.module.buffers(), model.buffers()):
-                ema_b.copy_(b)
+            torch._foreach_copy_(list(self.module.buffers()), list(model.buffers()))
         return decay
 
     def forward(self, *args, **kwargs):

@@ -8,7 +8,7 @@ files resume too.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -76,23 +76,47 @@ class RunState:
 
 
 class LossMeter:
-    """Image-weighted sums of the loss terms of one epoch, kept on the device.
+    """Image-weighted sums of the loss terms of the epoch in progress, kept on the device.
 
+    One float64 vector, updated in place (a CUDA graph of the step adds to the
+    same memory on every replay); a step that was not applied adds nothing.
     float64 sums survive the round trip through a mid-epoch checkpoint exactly.
-    Adding never reads the device; ``read`` does (at log, checkpoint and epoch
+    Adding never reads the device; ``read`` does (at checkpoint and epoch
     boundaries only).
     """
 
-    def __init__(self, state: RunState, device: torch.device):
+    def __init__(self, device: torch.device):
         self.device = device
-        self.sums = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in state.loss_sums.items()}
-        self.images = state.images
+        self.names: List[str] = []
+        self.sums: Optional[torch.Tensor] = None
+        self.images = torch.zeros((), dtype=torch.float64, device=device)
+        self.pending: Dict[str, float] = {}  # sums loaded before the term names are known
 
-    def add(self, terms: Dict[str, torch.Tensor], count: int) -> None:
-        for name, value in terms.items():
-            weighted = value.detach().double() * count
-            self.sums[name] = self.sums[name] + weighted if name in self.sums else weighted
-        self.images += count
+    def load(self, state: RunState) -> None:
+        """Start from the epoch-in-progress sums of ``state`` (zero at an epoch boundary)."""
+        self.pending = dict(state.loss_sums)
+        self.images.fill_(float(state.images))
+        if self.sums is not None:
+            self.sums.copy_(self._initial(self.names))
 
-    def read(self) -> Dict[str, float]:
-        return {k: float(v) for k, v in self.sums.items()}
+    def _initial(self, names: List[str]) -> torch.Tensor:
+        return torch.tensor([self.pending.get(n, 0.0) for n in names], dtype=torch.float64, device=self.device)
+
+    def add(self, names: List[str], values: torch.Tensor, count: int, skip: torch.Tensor) -> None:
+        """``values`` (one per name) of a step on ``count`` images; nothing where ``skip`` is 1."""
+        if self.sums is None:
+            self.names, self.sums = list(names), self._initial(names)
+        applied = skip == 0
+        self.sums.add_(torch.where(applied, values.double() * count, 0.0))
+        self.images.add_(applied.double() * count)
+
+    def totals(self) -> torch.Tensor:
+        """[sum per name..., images] on the device, for one all-reduce."""
+        sums = self.sums if self.sums is not None else self._initial(list(self.pending))
+        return torch.cat([sums, self.images.reshape(1)])
+
+    def read(self) -> Tuple[Dict[str, float], int]:
+        """({name: sum}, images): one read of the device."""
+        names = self.names if self.sums is not None else list(self.pending)
+        *sums, images = self.totals().tolist()
+        return dict(zip(names, sums)), int(round(images))

@@ -3,8 +3,10 @@
 Data flows one way: the resident uint8 split -> ``BatchStream`` (per-epoch
 draws, crop/flip, normalise, this rank's slice) -> ``TrainStep`` (forward,
 loss = sum of the method's weighted terms, backward, optimizer,
-``method.after_step``) -> ``LossMeter`` -> per-epoch evaluation -> logger and
-``CheckpointPolicy``. Progress lives in a ``RunState``, which includes the
+``method.after_step``, ``LossMeter``; one CUDA graph with
+``train.cuda_graphs``) -> per-epoch evaluation -> logger and
+``CheckpointPolicy``. The host reads the device only at sync points
+(``train.sync_every``), checkpoints and epoch ends. Progress lives in a ``RunState``, which includes the
 position inside the current epoch, so a checkpoint written mid-epoch
 (``checkpoint.every_n_steps``, or on SIGTERM/SIGINT) continues exactly where it
 stopped. Under torchrun each process trains its slice of every global batch
@@ -21,14 +23,15 @@ import torch
 from . import distributed
 from .checkpointing import CheckpointPolicy
 from .config import Config
-from .data import BatchStream, Dataset, Normalizer, derive_seed
+from .cuda_graph import GraphedStep
+from .data import Batch, BatchStream, Dataset, Normalizer, derive_seed
 from .distributed import DistInfo
 from .evaluate import TestSet
 from .logger import METRICS_VERSION, Progress
 from .methods import Method
 from .run_state import LossMeter, RunState
 from .signals import Interrupted, StopSignals
-from .step import Optimization, TrainStep, training_module
+from .step import Optimization, TrainStep, training_module, use_cuda_graphs
 
 
 class Trainer:
@@ -42,7 +45,12 @@ class Trainer:
         self.stream = BatchStream(dataset.train, normalize, method.num_views, t.batch_size, d.pad, d.flip, cfg.seed,
                                   device, t.channels_last, dist)
         self.test = TestSet(dataset.test, normalize, dataset.num_classes, t.eval_batch_size, device, dist)
-        self.step = TrainStep(training_module(method, cfg, device, dist), method, optimization, cfg, device, log)
+        self.meter = LossMeter(device)
+        self.step = TrainStep(training_module(method, cfg, device, dist), method, optimization, self.meter, cfg,
+                              device, log, dist)
+        self.graphed = GraphedStep(self.step, device, log) if use_cuda_graphs(cfg, device, dist, log) else None
+        # host reads of the device: every sync_every steps (and at checkpoints and epoch ends)
+        self.sync_every = t.sync_every or (t.log_every if device.type == "cuda" else 1)
 
     def fit(self) -> None:
         with StopSignals() as signals:
@@ -54,52 +62,65 @@ class Trainer:
     def train_epoch(self, epoch: int, signals: StopSignals) -> Dict:
         state = self.state
         self.method.train()
+        self.method.set_epoch(epoch)
         if state.batch_in_epoch == 0:
             # Everything random in this epoch derives from (seed, epoch, rank): resuming at
             # an epoch boundary replays it exactly (mid-epoch, the saved RNG state does).
             torch.manual_seed(derive_seed(self.cfg.seed, epoch, 1 + self.dist.rank))
             state.start_epoch()
-        meter = LossMeter(state, self.device)
+        self.meter.load(state)
+        self.step.start(state)
         progress = Progress(len(self.stream), f"epoch {epoch + 1}/{self.cfg.train.epochs}", self.cfg.train.log_every,
                             self.log, start=state.batch_in_epoch)
         clock = time.perf_counter()
         for batch in self.stream.epoch(epoch, start=state.batch_in_epoch):
-            result = self.step(batch, epoch, state, signals.received is not None)
+            loss = self.run_step(batch, epoch)
             state.step, state.batch_in_epoch = state.step + 1, batch.index + 1
-            if result.ok:
-                meter.add({"total": result.loss, **result.terms}, batch.labels.numel())
             images_done = min((batch.index + 1) * self.stream.batch_size, self.stream.num_images)
-            progress.update(images_done, float(result.loss) if progress.wants_loss() else None)
-            if result.stop or self.checkpoints.due(state.step):
-                clock = self.save_mid_epoch(meter, clock)
-                if result.stop:
+            progress.update(images_done, float(loss) if progress.wants_loss() else None)
+            if self.sync_due(state, signals):
+                stop = self.step.check(state, epoch, signals.received is not None)
+                if stop or self.checkpoints.due(state.step):
+                    clock = self.save_mid_epoch(clock)
+                if stop:
                     progress.close()
                     raise Interrupted(signals.received or signal.SIGTERM,
                                       f"at epoch {epoch + 1}, batch {batch.index + 1}/{len(self.stream)}")
         progress.close()
-        return self.epoch_totals(meter, clock)
+        return self.epoch_totals(clock)
 
-    def save_mid_epoch(self, meter: LossMeter, clock: float) -> float:
+    def run_step(self, batch: Batch, epoch: int) -> torch.Tensor:
+        if self.graphed is not None:
+            full = batch.labels.shape[0] == self.stream.batch_size  # graphs run in one process only
+            return self.graphed(batch.views, batch.labels, epoch, full)
+        return self.step(batch.views, batch.labels, epoch)
+
+    def sync_due(self, state: RunState, signals: StopSignals) -> bool:
+        """Whether the host reads the step flags now: a sync point, a checkpoint, the epoch's end,
+        or (in a single process, where no other rank must agree) a stop signal."""
+        return (state.step % self.sync_every == 0 or self.checkpoints.due(state.step)
+                or state.batch_in_epoch == len(self.stream)
+                or (signals.received is not None and not self.dist.enabled))
+
+    def save_mid_epoch(self, clock: float) -> float:
         now = time.perf_counter()
-        self.state.loss_sums, self.state.images = meter.read(), meter.images
+        self.state.loss_sums, self.state.images = self.meter.read()
         self.state.seconds += now - clock
         self.checkpoints.save_last(self.cfg, self.method, self.optimization, self.state)
         return now
 
-    def epoch_totals(self, meter: LossMeter, clock: float) -> Dict:
+    def epoch_totals(self, clock: float) -> Dict:
         """The epoch's mean loss terms over all ranks' images and its speed; closes the epoch's bookkeeping."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = self.state.seconds + time.perf_counter() - clock
-        names = sorted(meter.sums)  # the device sums go into the all-reduce without a trip through the host
-        images = torch.tensor(float(meter.images), dtype=torch.float64, device=self.device)
-        totals = torch.stack([*(meter.sums[k] for k in names), images])
-        totals = distributed.all_reduce_sum(totals).tolist()
+        names = self.meter.names or list(self.meter.pending)
+        totals = distributed.all_reduce_sum(self.meter.totals()).tolist()  # one read for all terms
         images = max(totals[-1], 1.0)
         self.state.start_epoch()
         if self.dist.enabled:
             distributed.average_buffers(self.method)
-        return {"loss": {k: v / images for k, v in zip(names, totals[:-1])},
+        return {"loss": {k: v / images for k, v in sorted(zip(names, totals[:-1]))},
                 "img_per_s": totals[-1] / max(seconds, 1e-9), "seconds": seconds}
 
     def end_epoch(self, epoch: int, lr: float, train: Dict, signals: StopSignals) -> None:
@@ -114,7 +135,9 @@ class Trainer:
             record["distributed"] = self.check_ranks_in_sync()
         improved = False
         if state.epoch % self.cfg.train.eval_every == 0 or state.epoch == self.cfg.train.epochs:
+            clock = time.perf_counter()
             record["val"] = self.test.evaluate(self.method)
+            record["eval_seconds"] = time.perf_counter() - clock
             improved = state.update_summaries(self.method.summary_metrics(record["val"]["top1"]))
             record["summary"] = state.summary_record()
         self.log.info(epoch_line(record, self.cfg.train.epochs))

@@ -16,9 +16,17 @@ with a one-line error naming what is missing:
   ``okd.create_model(backbone, num_classes)``.
 
 Optional: ``num_views`` (independently augmented views per batch), ``after_step``
-(bookkeeping after each optimizer step, e.g. a temporal mean),
+(bookkeeping after each optimizer step, e.g. a temporal mean; it gets the step
+index and whether the step was applied as device tensors, and must not read
+them on the host),
 ``parameter_groups`` (SGD groups, e.g. FFL's own weight decay for its fusion
 module), ``branch_dropout`` (the method's default ``model.dropout``).
+
+Graph-safe forward: the trainer may capture the whole step in a CUDA graph
+and replay it across epochs, so ``forward_train`` must not branch on ``epoch``
+in Python; the epoch's distillation weight is ``self.kd_scale(epoch)``, a
+device tensor that the trainer refills in place at each epoch
+(``set_epoch``).
 
 Options are a dataclass ``Options`` on the class, validated under ``method.*``;
 ``KDOptions`` declares what every distillation method has (temperature,
@@ -132,6 +140,9 @@ class Method(nn.Module, metaclass=ABCMeta):
         options.check()
         self.options = options
         self.num_classes = num_classes
+        # kd_weight(epoch) on the device; refilled in place, never reallocated (see kd_scale)
+        self.register_buffer("kd_scale_value", torch.zeros(()), persistent=False)
+        self.kd_scale_epoch: Optional[int] = None
 
     @abstractmethod
     def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int) -> Terms:
@@ -165,8 +176,22 @@ class Method(nn.Module, metaclass=ABCMeta):
             return None
         return self.options.kd_coefficient() * sigmoid_rampup(epoch, self.options.rampup_epochs)
 
-    def after_step(self, step: int) -> None:
-        """Called after optimizer step ``step`` (0-based global index)."""
+    def set_epoch(self, epoch: int) -> None:
+        """Fill the device-side distillation weight for ``epoch`` (outside any CUDA graph)."""
+        if epoch != self.kd_scale_epoch:
+            self.kd_scale_value.fill_(self.kd_weight(epoch) or 0.0)
+            self.kd_scale_epoch = epoch
+
+    def kd_scale(self, epoch: int) -> torch.Tensor:
+        """``kd_weight(epoch)`` as a 0-dim device tensor: what ``forward_train`` multiplies its KD terms by."""
+        self.set_epoch(epoch)
+        # a copy: a loss built earlier keeps the weight it was built with when set_epoch refills
+        # the buffer (inside a CUDA graph the copy is a kernel that reads the current value)
+        return self.kd_scale_value.clone()
+
+    def after_step(self, step: torch.Tensor, applied: torch.Tensor = 1.0) -> None:
+        """Called after every optimizer step: ``step`` is its 0-based global index and ``applied``
+        1.0 when it was taken, 0.0 when the non-finite policy skipped it (0-dim device tensors)."""
 
     def parameter_groups(self) -> List[Dict]:
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]

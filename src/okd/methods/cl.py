@@ -83,11 +83,11 @@ class CL(SharedTrunkMethod):
         shared = self.net.trunk(x)
         if self.options.grad_rescale and torch.is_grad_enabled():
             shared = GradScale.apply(shared, 1.0 / self.options.num_branches)
-        return [branch(shared).logits for branch in self.net.branches]
+        return self.net.on_shared(shared).logits
 
     def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
         opt = self.options
         logits = self.head_logits(views[0])
         ce = sum(F.cross_entropy(z, labels) for z in logits)
         kd = kd_to_others_mean(logits, opt.temperature, opt.detach_teacher)
-        return {"ce": opt.ce_coefficient() * ce, "kd_peers": self.kd_weight(epoch) * kd}
+        return {"ce": opt.ce_coefficient() * ce, "kd_peers": self.kd_scale(epoch) * kd}

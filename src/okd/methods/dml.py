@@ -62,4 +62,4 @@ class DML(IndependentNetworksMethod):
         logits = self.nets(views[0])
         ce = sum(F.cross_entropy(z, labels) for z in logits)
         kd = dml_kd(logits, opt.temperature, opt.target, opt.detach_teacher)
-        return {"ce": ce, "kd_mutual": self.kd_weight(epoch) * kd}
+        return {"ce": ce, "kd_mutual": self.kd_scale(epoch) * kd}

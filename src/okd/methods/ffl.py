@@ -74,7 +74,7 @@ class FFL(SharedTrunkMethod):
 
     def forward_logits(self, x: torch.Tensor):
         maps = self.net.feature_maps(x)
-        logits = [branch.head(fm).logits for branch, fm in zip(self.net.branches, maps)]
+        logits = self.net.heads(maps).logits
         return logits, self.fusion(maps)
 
     def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
@@ -82,7 +82,7 @@ class FFL(SharedTrunkMethod):
         ce_branches = sum(F.cross_entropy(z, labels) for z in logits)
         ce_fused = F.cross_entropy(fused, labels)
         ensemble_kd, mutual_kd = ffl_kd(logits, fused, self.options.temperature)
-        w = self.kd_weight(epoch)
+        w = self.kd_scale(epoch)
         return {"ce_branches": ce_branches, "ce_fused": ce_fused,
                 "kd_fused_to_branches": w * ensemble_kd, "kd_branches_to_fused": w * mutual_kd}
 

@@ -69,4 +69,4 @@ class KDCL(IndependentNetworksMethod):
         teacher = kdcl_teacher([z.detach() for z in logits], labels, opt.teacher)
         ce = sum(F.cross_entropy(z, labels) for z in logits)
         kd = sum(kd_loss(z, teacher, opt.temperature) for z in logits)
-        return {"ce": ce, "kd_ensemble": self.kd_weight(epoch) * kd}
+        return {"ce": ce, "kd_ensemble": self.kd_scale(epoch) * kd}

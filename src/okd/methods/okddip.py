@@ -83,7 +83,7 @@ class OKDDip(Method):
         ce_peers = sum(F.cross_entropy(z, labels) for z in peer_logits)
         ce_leader = F.cross_entropy(leader_logits, labels)
         peers_kd, leader_kd = okddip_kd(peer_logits, targets, leader_logits, self.options.temperature)
-        w = self.kd_weight(epoch)
+        w = self.kd_scale(epoch)
         return {"ce_peers": ce_peers, "ce_leader": ce_leader, "kd_peers": w * peers_kd, "kd_leader": w * leader_kd}
 
     @torch.no_grad()

@@ -61,7 +61,7 @@ class ONE(SharedTrunkMethod):
     def test_outputs(self, x: torch.Tensor):
         """(branch logits, {"ensemble": the gated ensemble z_e})."""
         shared = self.net.trunk(x)
-        logits = [branch(shared).logits for branch in self.net.branches]
+        logits = self.net.on_shared(shared).logits
         return logits, {"ensemble": gated_ensemble(self.gate(shared), logits)}
 
     def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
@@ -72,4 +72,4 @@ class ONE(SharedTrunkMethod):
         ce_branches = sum(F.cross_entropy(z, labels) for z in logits)
         ce_ensemble = F.cross_entropy(ensemble, labels)
         kd = sum(kd_loss(z, teacher, opt.temperature) for z in logits)
-        return {"ce_branches": ce_branches, "ce_ensemble": ce_ensemble, "kd_ensemble": self.kd_weight(epoch) * kd}
+        return {"ce_branches": ce_branches, "ce_ensemble": ce_ensemble, "kd_ensemble": self.kd_scale(epoch) * kd}

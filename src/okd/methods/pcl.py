@@ -20,7 +20,7 @@ beside it, labelled.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,8 @@ class PCL(Method):
         num_peers: int = 3
         ema_decay: float = 0.999  # cap of the temporal-mean decay min(1 - 1/(t+1), cap)
         ema_buffers: str = "own"  # own: EMA keeps its own BN statistics; copy: copy student's
-        fused_views: bool = False  # run the trunk once over all views (BatchNorm still per view); speed only
+        # run the trunk once over all views (BatchNorm still per view); speed only; null: on for CUDA
+        fused_views: Optional[bool] = None
 
         def check(self) -> None:
             require(0.0 <= self.ema_decay < 1.0, "pcl", "ema_decay", "in [0, 1)", self.ema_decay)
@@ -83,12 +84,12 @@ class PCL(Method):
         kd_mean = sum(
             kd_loss(logits[j], mean_logits[l], T) for j in range(m) for l in range(m) if l != j
         ) / (m - 1)
-        w = self.kd_weight(epoch)
+        w = self.kd_scale(epoch)
         return {"ce_ensemble": ce_ensemble, "ce_peers": ce_peers, "kd_ensemble": w * kd_ensemble,
                 "kd_mean": w * kd_mean}
 
-    def after_step(self, step: int) -> None:
-        self.mean.update(self.net, step)
+    def after_step(self, step, applied=1.0) -> None:
+        self.mean.update(self.net, step, applied)
 
     @torch.no_grad()
     def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -36,6 +36,19 @@ def backbone_spec(name: str, num_classes: int, **options) -> BackboneSpec:
     return BACKBONES.get(name)(num_classes, **check_model_options(name, **options))
 
 
+def enable_batched_branches(module) -> int:
+    """Run the branches of every multi-branch network in ``module`` as one grouped computation
+    (``okd.models.batched``); the number of networks switched. A ConfigError if one cannot be."""
+    nets = [m for m in module.modules() if isinstance(m, MultiBranchNet)]
+    for net in nets:
+        try:
+            net.enable_batched_branches()
+        except NotImplementedError as exc:
+            raise ConfigError(f"train.batched_branches: {str(exc).replace('batched branches: ', '')}; "
+                              f"set train.batched_branches=false") from None
+    return len(nets)
+
+
 def create_model(name: str, num_classes: int, dropout: Optional[float] = None,
                  final_norm: Optional[bool] = None) -> SingleNet:
     """The single deployable network of a backbone: trunk + one branch."""
@@ -44,4 +57,5 @@ def create_model(name: str, num_classes: int, dropout: Optional[float] = None,
 
 
 __all__ = ["BACKBONES", "MODEL_OPTIONS", "BackboneSpec", "Branch", "BranchOutput", "BranchOutputs", "IndependentNets",
-           "MultiBranchNet", "SingleNet", "backbone_options", "backbone_spec", "check_model_options", "create_model"]
+           "MultiBranchNet", "SingleNet", "backbone_options", "backbone_spec", "check_model_options", "create_model",
+           "enable_batched_branches"]

@@ -115,7 +115,12 @@ class IndependentNets(nn.Module):
 
 
 class MultiBranchNet(nn.Module):
-    """A shared trunk with ``num_branches`` independently initialised branches."""
+    """A shared trunk with ``num_branches`` independently initialised branches.
+
+    Every way of running the branches goes through ``branch_outputs`` / ``heads``,
+    which run them one after another or, with ``enable_batched_branches``, as one
+    grouped computation (``okd.models.batched``; same results within float rounding).
+    """
 
     fused_views = False
 
@@ -124,6 +129,7 @@ class MultiBranchNet(nn.Module):
         self.trunk = spec.make_trunk()
         self.branches = nn.ModuleList([spec.make_branch() for _ in range(num_branches)])
         self.feature_dim = spec.feature_dim
+        self.__dict__["batched"] = None  # a BatchedBranches, kept outside the module tree
 
     def enable_fused_views(self) -> None:
         """Let ``forward_views`` run the trunk once over all views (see ``okd.models.view_bn``)."""
@@ -131,6 +137,23 @@ class MultiBranchNet(nn.Module):
 
         convert_view_bn(self.trunk)
         self.fused_views = True
+
+    def enable_batched_branches(self) -> None:
+        from .batched import BatchedBranches
+
+        self.__dict__["batched"] = BatchedBranches(list(self.branches))
+
+    def branch_outputs(self, inputs: Sequence[torch.Tensor]) -> BranchOutputs:
+        """Branch j on ``inputs[j]`` (its view's trunk output, or the shared one)."""
+        if self.batched is not None:
+            return BranchOutputs(*self.batched(inputs))
+        return BranchOutputs.of([branch(x) for branch, x in zip(self.branches, inputs)])
+
+    def heads(self, maps: Sequence[torch.Tensor]) -> BranchOutputs:
+        """Branch j's pooled feature and logits from its last feature map ``maps[j]``."""
+        if self.batched is not None:
+            return BranchOutputs(*self.batched.heads(maps))
+        return BranchOutputs.of([branch.head(fm) for branch, fm in zip(self.branches, maps)])
 
     def forward_views(self, views: Sequence[torch.Tensor]) -> BranchOutputs:
         """Branch j sees view j, with per-view BatchNorm statistics in the trunk.
@@ -148,16 +171,21 @@ class MultiBranchNet(nn.Module):
                 set_views(self.trunk, 1)
         else:
             shared = [self.trunk(v) for v in views]
-        return BranchOutputs.of([branch(s) for branch, s in zip(self.branches, shared)])
+        return self.branch_outputs(shared)
 
     def forward(self, x: torch.Tensor) -> BranchOutputs:
         """One view for all branches: the trunk once, then every branch."""
-        shared = self.trunk(x)
-        return BranchOutputs.of([branch(shared) for branch in self.branches])
+        return self.on_shared(self.trunk(x))
+
+    def on_shared(self, shared: torch.Tensor) -> BranchOutputs:
+        """Every branch on one trunk output."""
+        return self.branch_outputs([shared] * len(self.branches))
 
     def feature_maps(self, x: torch.Tensor) -> List[torch.Tensor]:
         """One view for all branches: each branch's last feature map (see ``Branch``)."""
         shared = self.trunk(x)
+        if self.batched is not None:
+            return self.batched.feature_maps([shared] * len(self.branches))
         return [branch.feature_map(shared) for branch in self.branches]
 
     def single_state_dict(self, index: int) -> dict:
