@@ -11,8 +11,15 @@ mean updated with a per-tensor Python loop, in fp32.
 
 The **okd** variants run okd's own trainer parts, ``BatchStream`` (uint8 tensors on the device, one batched
 gather per view) and ``TrainStep``, under the configuration named by the variant:
-``cl`` = channels_last, ``fused`` = the trunk once over all views (per-view BatchNorm), ``bf16`` /
-``fp16`` = autocast, ``compile`` = torch.compile (only with --compile).
+``cl`` = channels_last, ``fused`` = the trunk once over all views (per-view BatchNorm), ``batched`` = the
+branches as one grouped computation, ``graphs`` = the whole step as one CUDA graph, ``bf16`` / ``fp16`` =
+autocast, ``compile`` = torch.compile (only with --compile). ``okd+auto`` is what a run on this device
+uses by default (``okd.devices.resolve_auto``).
+
+Hardware use: the FLOPs of one step are counted once (``torch.utils.flop_counter``: forward and
+backward of the peers and the temporal-mean forwards, multiply-add = 2 FLOPs), and every variant's
+achieved TFLOP/s is that count times its measured steps per second: how far the step is from the
+device's peak.
 
 Protocol: every variant is built and warmed up first; then ``--rounds`` rounds, in each of which every
 variant runs ``--steps`` steps, round-robin, so that drifts of a shared machine hit all alike. Reported:
@@ -25,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,17 +45,21 @@ import torch.nn.functional as F  # noqa: E402
 
 from okd.checkpointing import CheckpointPolicy  # noqa: E402
 from okd.config import config_from_dict  # noqa: E402
+from okd.devices import device_name, resolve_auto  # noqa: E402
 from okd.data.datasets import Dataset, Split  # noqa: E402
 from okd.logger import NullLogger  # noqa: E402
 from okd.methods import build_method  # noqa: E402
 from okd.methods.pcl import PCL  # noqa: E402
-from okd.models import backbone_spec  # noqa: E402
+from okd.models import backbone_spec, enable_batched_branches  # noqa: E402
 from okd.run_state import RunState  # noqa: E402
 from okd.step import Optimization  # noqa: E402
 from okd.trainer import Trainer  # noqa: E402
 
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-DEFAULT_FAST = {"cpu": "okd+cl", "cuda": "okd+cl+fused+bf16"}
+DEFAULT_FAST = {"cpu": "okd+auto", "cuda": "okd+auto"}
+DEFAULT_VARIANTS = {"cpu": "okd,okd+cl,okd+cl+fused,okd+cl+batched,okd+cl+bf16",
+                    "cuda": "okd,okd+cl+bf16,okd+cl+fused+bf16,okd+cl+fused+batched+bf16,"
+                            "okd+cl+fused+batched+bf16+graphs"}
 
 
 # ---------------------------------------------------------------- reference (the seed's style)
@@ -136,14 +146,21 @@ class ReferenceStep:
 
 # ---------------------------------------------------------------- okd variants
 
-def okd_trainer(variant, model, batch_size, images_u8, labels, device):
+def okd_config(variant, model, batch_size, device):
     flags = set(variant.split("+")[1:])
-    precision = "bf16" if "bf16" in flags else "fp16" if "fp16" in flags else "fp32"
     tree = {"device": str(device), "data": {"name": "digits"}, "model": {"name": model},
-            "method": {"name": "pcl", "fused_views": "fused" in flags},
-            "train": {"batch_size": batch_size, "precision": precision, "channels_last": "cl" in flags,
-                      "compile": "compile" in flags, "epochs": 300}}
-    cfg = config_from_dict(tree)
+            "method": {"name": "pcl"}, "train": {"batch_size": batch_size, "epochs": 300}}
+    if "auto" not in flags:
+        precision = "bf16" if "bf16" in flags else "fp16" if "fp16" in flags else "fp32"
+        tree["method"]["fused_views"] = "fused" in flags
+        tree["train"].update({"precision": precision, "channels_last": "cl" in flags, "compile": "compile" in flags,
+                              "batched_branches": "batched" in flags, "cuda_graphs": "graphs" in flags})
+    cfg, _ = resolve_auto(config_from_dict(tree), device)
+    return cfg
+
+
+def okd_trainer(variant, model, batch_size, images_u8, labels, device):
+    cfg = okd_config(variant, model, batch_size, device)
     n = labels.numel()
     split = Split(images_u8, labels)
     dataset = Dataset("synthetic", split, Split(images_u8[:10], labels[:10]), [str(i) for i in range(100)],
@@ -152,9 +169,15 @@ def okd_trainer(variant, model, batch_size, images_u8, labels, device):
     method = build_method("pcl", backbone_spec(model, 100), 100, cfg.method).to(device)
     if cfg.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
+    if cfg.train.batched_branches:
+        enable_batched_branches(method)
     trainer = Trainer(cfg, method, dataset, device, Optimization.build(cfg, method, device), RunState(),
                       CheckpointPolicy(None), NullLogger())
     state = {"draws": trainer.stream.draws(0), "b": 0, "batches": n // batch_size}
+    method.train()
+    method.set_epoch(100)
+    trainer.meter.load(trainer.state)
+    trainer.step.start(trainer.state)
 
     def inputs():
         b = state["b"] % state["batches"]
@@ -162,11 +185,21 @@ def okd_trainer(variant, model, batch_size, images_u8, labels, device):
         return trainer.stream.batch(b, state["draws"])
 
     def step():
-        result = trainer.step(inputs(), 100, trainer.state, False)
-        trainer.state.step += 1
-        return result.loss
+        return trainer.run_step(inputs(), 100)
 
-    return step, inputs
+    return step, inputs, trainer
+
+
+def step_flops(trainer, inputs) -> float:
+    """FLOPs of one training step (forward + backward + temporal-mean forwards), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = inputs()
+    with FlopCounterMode(display=False) as counter:
+        terms = trainer.method(batch.views, batch.labels, 100)
+        sum(terms.values()).backward()
+    trainer.optimization.optimizer.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
 
 
 # ---------------------------------------------------------------- timing
@@ -203,10 +236,12 @@ def summarise(results, reference):
 
 def print_table(title, summary):
     print(f"\n{title}")
-    print(f"{'variant':<24} {'median img/s':>13} {'min':>9} {'max':>9} {'x reference':>12}")
+    tflops = any("tflop_per_s" in s for s in summary.values())
+    print(f"{'variant':<40} {'median img/s':>13} {'min':>9} {'max':>9} {'x reference':>12}"
+          + (f" {'TFLOP/s':>8}" if tflops else ""))
     for name, s in summary.items():
-        print(f"{name:<24} {s['median_img_per_s']:>13.1f} {s['min_img_per_s']:>9.1f} {s['max_img_per_s']:>9.1f} "
-              f"{s['ratio_to_reference']:>12.2f}")
+        print(f"{name:<40} {s['median_img_per_s']:>13.1f} {s['min_img_per_s']:>9.1f} {s['max_img_per_s']:>9.1f} "
+              f"{s['ratio_to_reference']:>12.2f}" + (f" {s['tflop_per_s']:>8.3f}" if tflops else ""))
 
 
 def main(argv=None):
@@ -220,8 +255,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--workers", type=int, default=0, help="reference DataLoader workers (0: one per core)")
-    p.add_argument("--variants", default="okd,okd+cl,okd+fused,okd+cl+fused,okd+cl+bf16",
-                   help="comma-separated okd variants (flags: cl, fused, bf16, fp16, compile)")
+    p.add_argument("--variants", help="comma-separated okd variants (flags: cl, fused, batched, graphs, bf16, fp16, "
+                                      "compile; okd+auto: the device's defaults); default: per device")
     p.add_argument("--compile", action="store_true", help="also measure okd+cl+compile")
     p.add_argument("--fast", help="the variant whose ratio is the last line (default: per device)")
     p.add_argument("--images", type=int, default=0, help="synthetic training images (default: 32 batches)")
@@ -235,7 +270,8 @@ def main(argv=None):
     cores = os.cpu_count() or 1
     torch.set_num_threads(args.threads or cores)
     workers = args.workers or cores
-    variants = [v for v in args.variants.split(",") if v] + (["okd+cl+compile"] if args.compile else [])
+    variants = [v for v in (args.variants or DEFAULT_VARIANTS[device.type]).split(",") if v]
+    variants += ["okd+cl+compile"] if args.compile else []
     fast = args.fast or DEFAULT_FAST[device.type]
     if fast not in variants:
         variants.append(fast)
@@ -247,7 +283,7 @@ def main(argv=None):
     labels = torch.from_numpy(labels_np)
 
     print(f"okd throughput benchmark | PCL {args.model} batch {args.batch_size} | device {device} "
-          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}) | "
+          f"({device_name(device)}) | "
           f"torch {torch.__version__} | threads {torch.get_num_threads()} | reference workers {workers}")
 
     # build everything first
@@ -257,9 +293,12 @@ def main(argv=None):
     ref_step = ReferenceStep(ref_method)
     steps = {"reference": lambda: ref_step(*ref_loader.next())}
     pipes = {"reference": ref_loader.next}
+    trainers = {}
     for v in variants:
-        step, inputs = okd_trainer(v, args.model, args.batch_size, images_u8, labels, device)
-        steps[v], pipes[v] = step, inputs
+        steps[v], pipes[v], trainers[v] = okd_trainer(v, args.model, args.batch_size, images_u8, labels, device)
+    auto = okd_config("okd+auto", args.model, args.batch_size, device).train
+    print(f"okd+auto on this device: precision {auto.precision}, channels_last {auto.channels_last}, "
+          f"batched_branches {auto.batched_branches}, cuda_graphs {auto.cuda_graphs}")
     # warm up (compilation, cuDNN autotuning, allocator, worker start-up)
     for fn in list(steps.values()) + list(pipes.values()):
         for _ in range(args.warmup):
@@ -270,6 +309,10 @@ def main(argv=None):
                                  args.rounds, args.steps * 4, device, args.batch_size, settle=args.settle), "reference")
     train = summarise(time_rounds(steps, args.rounds, args.steps, device, args.batch_size, settle=args.settle),
                       "reference")
+    counted = next((t for v, t in trainers.items() if "graphs" not in v), None)
+    flops = step_flops(counted, pipes[variants[0]]) if counted is not None else 0.0
+    for s in train.values():
+        s["tflop_per_s"] = flops * s["median_img_per_s"] / args.batch_size / 1e12
     print_table("data pipeline alone (3 augmented views per image)", pipe)
     print(f"  per core: reference uses {workers} worker process(es), okd {torch.get_num_threads()} thread(s) "
           f"of the training process")
@@ -277,9 +320,12 @@ def main(argv=None):
     speedup = train[fast]["ratio_to_reference"]
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "model": args.model, "batch_size": args.batch_size, "device": str(device), "torch": torch.__version__,
+            "model": args.model, "batch_size": args.batch_size, "device": str(device),
+            "device_name": device_name(device), "torch": torch.__version__, "step_flops": flops,
             "threads": torch.get_num_threads(), "reference_workers": workers, "rounds": args.rounds,
             "steps": args.steps, "fast_variant": fast, "data_pipeline": pipe, "train_step": train}, indent=1))
+    print(f"step: {flops / 1e9:.1f} GFLOP per batch of {args.batch_size} ({flops / args.batch_size / 1e9:.2f} GFLOP "
+          f"per image, forward + backward + temporal-mean forwards)")
     print(f"fast configuration: {fast}")
     print(f"speedup_vs_reference={speedup:.2f}")
 

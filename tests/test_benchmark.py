@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -12,17 +14,23 @@ def test_benchmark_reports_ratios_and_last_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks/throughput.py"), "--model", "resnet8_tiny", "--batch-size", "16",
          "--rounds", "2", "--steps", "1", "--warmup", "1", "--workers", "1", "--threads", "1",
-         "--variants", "okd,okd+fused", "--fast", "okd+fused", "--images", "64", "--settle", "0", "--json", str(out)],
+         "--variants", "okd,okd+fused+batched", "--fast", "okd+fused+batched", "--images", "64", "--settle", "0", "--json", str(out)],
         capture_output=True, text=True, timeout=300, cwd=str(REPO))
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("speedup_vs_reference=")
     result = json.loads(out.read_text())
     train = result["train_step"]
-    assert set(train) == {"reference", "okd", "okd+fused"}
+    assert set(train) == {"reference", "okd", "okd+fused+batched"}
     assert train["reference"]["ratio_to_reference"] == 1.0
     assert all(len(v["rounds"]) == 2 and v["min_img_per_s"] <= v["median_img_per_s"] <= v["max_img_per_s"]
                for v in train.values())
-    ratio = train["okd+fused"]["median_img_per_s"] / train["reference"]["median_img_per_s"]
+    ratio = train["okd+fused+batched"]["median_img_per_s"] / train["reference"]["median_img_per_s"]
     assert float(last.split("=")[1]) == round(ratio, 2)
     assert result["data_pipeline"]["okd"]["median_img_per_s"] > 0
+    # hardware use: the counted FLOPs of a step times the measured steps per second
+    flops = result["step_flops"]
+    assert flops > 0
+    for v in train.values():
+        assert v["tflop_per_s"] == pytest.approx(flops * v["median_img_per_s"] / 16 / 1e12)
+    assert "GFLOP per batch of 16" in proc.stdout and "okd+auto on this device: precision" in proc.stdout

@@ -238,7 +238,8 @@ def curves_figure(runs: Sequence[Run], backbone: str, dataset: Optional[str], pa
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="okd-report", description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dirs", nargs="+", help="run directories, or folders searched for them (e.g. runs/)")
+    p.add_argument("run_dirs", nargs="+", help="run directories, or folders searched for them (e.g. runs/), "
+                                               "and result records (results/, see okd.results)")
     p.add_argument("--format", choices=["markdown", "csv"], default="markdown")
     p.add_argument("--dataset", help="only runs on this dataset")
     p.add_argument("--include-unfinished", action="store_true", help="count runs that have not finished")
@@ -250,16 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from .results import read_records, results_markdown  # results imports this module
+
     try:
         runs = [r for r in (read_run(d) for d in find_run_dirs(args.run_dirs)) if r is not None]
+        records = read_records([Path(p) for p in args.run_dirs])
         if args.dataset:
             runs = [r for r in runs if r.dataset == args.dataset]
-        if not runs:
-            raise ReportError(f"no okd runs found under {', '.join(args.run_dirs)}"
+            records = [r for r in records if r["dataset"] == args.dataset]
+        if not runs and not records:
+            raise ReportError(f"no okd runs or result records found under {', '.join(args.run_dirs)}"
                               + (f" for dataset '{args.dataset}'" if args.dataset else ""))
         if args.figure and not args.backbone:
             raise ReportError("--figure needs --backbone (e.g. --backbone resnet32)")
-        text = (csv_text if args.format == "csv" else markdown)(runs, args.include_unfinished)
+        text = results_markdown(records) if records else ""
+        if runs:
+            text += ("\n" if text else "") + (csv_text if args.format == "csv" else markdown)(
+                runs, args.include_unfinished)
         if args.output:
             Path(args.output).write_text(text)
         else:

@@ -1,0 +1,187 @@
+"""How long the comparison table takes: cells, their state, and a time estimate from measured speed.
+
+    python -m okd.plan --config configs/cifar100.yml --seeds "0 1 2" --gpus 4 [--measure] [overrides...]
+
+Every cell is (backbone, method, seed) with the config's epochs. A cell's speed
+is, in order of preference: its own run's median training img/s
+(``metrics.jsonl``), that of another seed of the same backbone and method, or,
+with ``--measure``, a few steps of the method on this device with its default
+settings (synthetic images; the real run also evaluates, about 1-3 % more).
+Remaining time = remaining epochs x (train images / img/s). The table's
+estimate on G GPUs is the longest-processing-time schedule of the cells' times
+over G queues, which is what ``run_table.sh`` does (one process per GPU taking
+the next cell from a shared queue).
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .config import Config, load_config
+from .errors import OkdError
+from .report import read_metrics
+
+TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "imagefolder": 50_000, "digits": 1_438}
+DEFAULT_METHODS = ("vanilla", "dml", "cl", "one", "ffl", "okddip", "kdcl", "pcl")
+DEFAULT_BACKBONES = ("resnet32", "resnet110", "vgg16", "densenet40_12", "wrn20_8")
+
+
+@dataclass
+class Cell:
+    backbone: str
+    method: str
+    seed: int
+    epochs: int
+    done: int = 0  # finished epochs
+    img_per_s: Optional[float] = None
+    source: str = "unknown"  # where img_per_s comes from
+
+    def seconds_left(self, train_images: int) -> Optional[float]:
+        if self.done >= self.epochs:
+            return 0.0
+        if not self.img_per_s:
+            return None
+        return (self.epochs - self.done) * train_images / self.img_per_s
+
+
+def run_dir(root: Path, dataset: str, cell: Cell) -> Path:
+    return root / f"{dataset}_{cell.backbone}_{cell.method}_seed{cell.seed}"
+
+
+def measured_speed(path: Path) -> Tuple[int, Optional[float]]:
+    """(finished epochs, median training img/s) of a run directory."""
+    if not (path / "metrics.jsonl").is_file():
+        return 0, None
+    records = [r for r in read_metrics(path) if "train" in r]
+    if not records:
+        return 0, None
+    return max(int(r["epoch"]) for r in records), statistics.median(float(r["train"]["img_per_s"]) for r in records)
+
+
+def probe_speed(cfg: Config, backbone: str, method: str, device: torch.device, steps: int = 6) -> float:
+    """Training img/s of ``method`` on ``backbone`` here, with the device's default settings."""
+    from .config import config_from_dict
+    from .devices import resolve_auto
+    from .methods import build_method
+    from .models import backbone_spec, enable_batched_branches
+    from .run_state import LossMeter
+    from .step import Optimization, TrainStep
+
+    tree = cfg.to_dict()
+    tree["model"]["name"] = backbone
+    tree["method"] = {"name": method}
+    run_cfg, _ = resolve_auto(config_from_dict(tree), device)
+    classes = 100 if cfg.data.name == "cifar100" else 10
+    torch.manual_seed(0)
+    model = build_method(method, backbone_spec(backbone, classes, **run_cfg.model_options()), classes,
+                         run_cfg.method).to(device)
+    if run_cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if run_cfg.train.batched_branches:
+        enable_batched_branches(model)
+    model.train()
+    step = TrainStep(model, model, Optimization.build(run_cfg, model, device), LossMeter(device), run_cfg, device,
+                     log=None)
+    b = run_cfg.train.batch_size
+    fmt = torch.channels_last if run_cfg.train.channels_last else torch.contiguous_format
+    views = [torch.randn(b, 3, 32, 32, device=device).contiguous(memory_format=fmt) for _ in range(model.num_views)]
+    labels = torch.randint(0, classes, (b,), device=device)
+    for _ in range(2):  # warm-up
+        step(views, labels, 0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(views, labels, 0)
+    sync()
+    return steps * b / (time.perf_counter() - start)
+
+
+def plan(cfg: Config, backbones: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
+         measure: bool, device: torch.device, name: Optional[str] = None) -> List[Cell]:
+    root, name = Path(cfg.output.root), name or cfg.data.name
+    cells = [Cell(b, m, s, cfg.train.epochs) for b in backbones for m in methods for s in seeds]
+    by_pair: Dict[Tuple[str, str], Tuple[float, str]] = {}  # (speed, where it comes from)
+    for cell in cells:
+        cell.done, cell.img_per_s = measured_speed(run_dir(root, name, cell))
+        if cell.img_per_s:
+            cell.source = "its run"
+            by_pair.setdefault((cell.backbone, cell.method), (cell.img_per_s, f"the seed-{cell.seed} run"))
+    for cell in cells:
+        pair = (cell.backbone, cell.method)
+        if cell.img_per_s is None and pair not in by_pair and measure and cell.done < cell.epochs:
+            by_pair[pair] = (probe_speed(cfg, cell.backbone, cell.method, device), f"measured on {device.type}")
+        if cell.img_per_s is None and pair in by_pair:
+            cell.img_per_s, cell.source = by_pair[pair]
+    return cells
+
+
+def schedule_seconds(durations: Sequence[float], gpus: int) -> float:
+    """Makespan of the longest-first greedy schedule over ``gpus`` queues."""
+    queues = [0.0] * max(1, gpus)
+    for d in sorted(durations, reverse=True):
+        heapq.heapreplace(queues, queues[0] + d)
+    return max(queues)
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def report(cells: List[Cell], dataset: str, train_images: int, gpus: int) -> str:
+    lines = [f"{'backbone':<15} {'method':<8} {'seed':>4} {'epochs':>9} {'img/s':>9} {'left':>10}  speed from"]
+    known, unknown = [], 0
+    for c in cells:
+        left = c.seconds_left(train_images)
+        if left is None:
+            unknown += 1
+        else:
+            known.append(left)
+        lines.append(f"{c.backbone:<15} {c.method:<8} {c.seed:>4} {c.done:>4}/{c.epochs:<4} "
+                     f"{(f'{c.img_per_s:,.0f}' if c.img_per_s else '?'):>9} "
+                     f"{(hours(left) if left is not None else '?'):>10}  {c.source if c.done < c.epochs else 'done'}")
+    todo = sum(1 for c in cells if c.done < c.epochs)
+    lines.append(f"{dataset}: {len(cells)} cells, {todo} to run; {hours(sum(known))} of training left on one device, "
+                 f"about {hours(schedule_seconds(known, gpus))} on {gpus} in parallel"
+                 + (f"; {unknown} cell(s) without a measured speed (pass --measure)" if unknown else ""))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="okd-plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="the table's dataset config, e.g. configs/cifar100.yml")
+    p.add_argument("--name", help="the table's name in run directories <name>_<backbone>_<method>_seed<seed> "
+                                  "(default: data.name)")
+    p.add_argument("--seeds", default="0", help='space-separated seeds, e.g. "0 1 2"')
+    p.add_argument("--methods", default=" ".join(DEFAULT_METHODS))
+    p.add_argument("--backbones", default=" ".join(DEFAULT_BACKBONES))
+    p.add_argument("--gpus", type=int, default=0, help="GPUs the table is spread over (default: all here, else 1)")
+    p.add_argument("--measure", action="store_true", help="time a few steps of cells without a measured speed")
+    p.add_argument("--device", default="auto")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, as for a run")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
+        gpus = args.gpus or max(1, torch.cuda.device_count())
+        cells = plan(cfg, args.backbones.split(), args.methods.split(), [int(s) for s in args.seeds.split()],
+                     args.measure, device, args.name)
+        images = cfg.data.train_subset or TRAIN_IMAGES.get(cfg.data.name, 50_000)
+        print(report(cells, args.name or cfg.data.name, images, gpus))
+    except OkdError as exc:
+        print(f"okd-plan: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

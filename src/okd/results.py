@@ -1,0 +1,143 @@
+"""A reproduction record: one JSON file per finished run, committed under ``results/``.
+
+    python -m okd.results record RUN_DIR --protocol paper [--dataset cifar10] [--wall-seconds S] [--out results/]
+    python -m okd.report results/            # the records beside the published numbers
+
+A record says what was trained (method, model, dataset, epochs, seed, whether
+the paper's protocol or a shortened schedule), what it reached (the reported
+model's best and last top-1), what it cost (wall seconds, training img/s) and
+where (device as torch names it, precision, torch, okd commit), plus the
+resolved config the run used. Everything is read from the run directory
+(``last.pt``, ``metrics.jsonl``); nothing is typed in by hand. A record is
+never overwritten: a second record of the same cell gets a numbered name.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from . import checkpoint
+from .errors import OkdError
+from .paper import paper_top1
+from .report import read_metrics
+
+RECORD_VERSION = 1
+PROTOCOLS = ("paper", "scaled")
+
+
+def build_record(run_dir: Path, protocol: str, dataset: Optional[str] = None,
+                 wall_seconds: Optional[float] = None) -> Dict:
+    if protocol not in PROTOCOLS:
+        raise OkdError(f"protocol must be {' or '.join(PROTOCOLS)}, got '{protocol}'")
+    last = run_dir / "last.pt"
+    if not last.exists():
+        raise OkdError(f"'{run_dir}' has no last.pt; is it an okd run directory?")
+    blob, _ = checkpoint.load_latest(last)
+    cfg = blob["config"]
+    epochs_done, epochs = int(blob["epoch"]), int(cfg["train"]["epochs"])
+    if epochs_done < epochs:
+        raise OkdError(f"run '{run_dir}' has finished {epochs_done} of {epochs} epochs; record finished runs only")
+    records = [r for r in read_metrics(run_dir) if "train" in r]
+    reported = blob["best"].get("reported") or {}
+    last_reported = blob["last"].get("reported") or {}
+    train_seconds = sum(float(r["train"].get("seconds", 0.0)) for r in records)
+    eval_seconds = sum(float(r.get("eval_seconds", 0.0)) for r in records)
+    environment = blob.get("environment", {})
+    name = dataset or cfg["data"]["name"]
+    return {
+        "okd_result": RECORD_VERSION,
+        "method": cfg["method"]["name"], "model": cfg["model"]["name"], "dataset": name,
+        "epochs": epochs, "protocol": protocol, "seed": int(cfg["seed"]),
+        "reported_best": reported.get("value"), "reported_best_epoch": reported.get("epoch"),
+        "reported_last": last_reported.get("value"), "reported_label": last_reported.get("label"),
+        "paper_top1": paper_top1(name, cfg["model"]["name"], cfg["method"]["name"]),
+        "wall_seconds": wall_seconds if wall_seconds is not None else train_seconds + eval_seconds,
+        "train_seconds": train_seconds,
+        # the median epoch: the first one carries warm-up (cuDNN autotuning, graph capture)
+        "img_per_s": statistics.median(float(r["train"]["img_per_s"]) for r in records) if records else None,
+        "precision": cfg["train"]["precision"],
+        "device": environment.get("device", "unknown"), "torch": environment.get("torch", blob.get("torch_version")),
+        "commit": environment.get("commit", "unknown"),
+        "config": cfg,
+    }
+
+
+def free_path(folder: Path, stem: str) -> Path:
+    path, n = folder / f"{stem}.json", 2
+    while path.exists():
+        path, n = folder / f"{stem}_{n}.json", n + 1
+    return path
+
+
+def write_record(record: Dict, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = (f"{record['dataset']}_{record['model']}_{record['method']}_{record['epochs']}ep_"
+            f"{record['protocol']}_seed{record['seed']}")
+    path = free_path(folder, stem)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
+def read_records(paths: List[Path]) -> List[Dict]:
+    """Every okd result record in ``paths`` (files, or folders searched recursively)."""
+    files = []
+    for p in paths:
+        files += sorted(p.rglob("*.json")) if p.is_dir() else [p] if p.suffix == ".json" else []
+    out = []
+    for f in files:
+        try:
+            record = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and "okd_result" in record:
+            out.append({**record, "file": str(f)})
+    return out
+
+
+def results_markdown(records: List[Dict]) -> str:
+    """The records as a markdown table beside the published number of each cell."""
+    def num(v, fmt="{:.2f}"):
+        return "—" if v is None else fmt.format(v)
+
+    lines = ["| dataset | model | method | epochs | seed | reported best | last | paper | best − paper | img/s | "
+             "wall | device | precision | commit |", "|" + "---|" * 14]
+    for r in sorted(records, key=lambda r: (r["dataset"], r["model"], r["method"], r["epochs"], r["seed"])):
+        paper = paper_top1(r["dataset"], r["model"], r["method"])
+        delta = None if paper is None or r["reported_best"] is None else r["reported_best"] - paper
+        wall = f"{r['wall_seconds'] / 60:.1f} min" if r.get("wall_seconds") is not None else "—"
+        lines.append(f"| {r['dataset']} | {r['model']} | {r['method']} | {r['epochs']} ({r['protocol']}) | "
+                     f"{r['seed']} | {num(r['reported_best'])} | {num(r['reported_last'])} | {num(paper)} | "
+                     f"{num(delta, '{:+.2f}')} | {num(r.get('img_per_s'), '{:,.0f}')} | {wall} | {r['device']} | "
+                     f"{r['precision']} | {r['commit']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="okd-results", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record", help="write the record of a finished run")
+    rec.add_argument("run_dir")
+    rec.add_argument("--protocol", required=True, choices=PROTOCOLS,
+                     help="paper: the paper's full schedule; scaled: a shortened one")
+    rec.add_argument("--dataset", help="the dataset's name in the record (e.g. cifar10 for its ImageFolder copy)")
+    rec.add_argument("--wall-seconds", type=float, help="measured wall time of the whole run (default: train + eval)")
+    rec.add_argument("--out", default="results", help="folder of the records (default: results/)")
+    args = p.parse_args(argv)
+    try:
+        record = build_record(Path(args.run_dir), args.protocol, args.dataset, args.wall_seconds)
+        path = write_record(record, Path(args.out))
+    except (OkdError, OSError) as exc:
+        print(f"okd-results: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"okd-results: wrote {path} | {record['method']} {record['model']} {record['dataset']} "
+          f"{record['epochs']} epochs ({record['protocol']}): reported best {record['reported_best']:.2f}, "
+          f"last {record['reported_last']:.2f} | {record['img_per_s']:.0f} img/s on {record['device']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
