@@ -172,6 +172,10 @@ class Method(nn.Module, metaclass=ABCMeta):
 
     def kd_weight(self, epoch: int) -> Optional[float]:
         """The factor on the distillation terms at ``epoch`` (coefficient x ramp-up); None without KD."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # a float read here would be frozen into the graph for every later epoch
+            raise MethodContractError(f"{type(self).__name__}.forward_train reads kd_weight (a host float) inside a "
+                                      f"CUDA graph; use self.kd_scale(epoch)")
         if not isinstance(self.options, KDOptions):
             return None
         return self.options.kd_coefficient() * sigmoid_rampup(epoch, self.options.rampup_epochs)
