@@ -67,7 +67,8 @@ if epochs == 300:
     print(300, "paper", "[150,225]", 80, 0.999)
 else:
     ema = 0.999 if epochs >= 30 else 0.99  # the temporal mean's memory must fit the run
-    print(epochs, "scaled", f"[{max(1, epochs // 2)},{max(1, (3 * epochs) // 4)}]", round(80 * epochs / 300), ema)
+    milestones = sorted({max(1, epochs // 2), max(1, (3 * epochs) // 4)})
+    print(epochs, "scaled", "[" + ",".join(map(str, milestones)) + "]", round(80 * epochs / 300), ema)
 PY
 )"
 echo "gpu_check: training PCL $first on CIFAR-10 for $epochs epochs ($protocol protocol: milestones $milestones, ramp-up $rampup, EMA cap $ema, device defaults) after $(elapsed) s"

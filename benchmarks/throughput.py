@@ -18,8 +18,9 @@ uses by default (``okd.devices.resolve_auto``).
 
 Hardware use: the FLOPs of one step are counted once (``torch.utils.flop_counter``: forward and
 backward of the peers and the temporal-mean forwards, multiply-add = 2 FLOPs), and every variant's
-achieved TFLOP/s is that count times its measured steps per second: how far the step is from the
-device's peak.
+achieved TFLOP/s is that count times its measured steps per second, and on a GPU okd knows
+(``okd.devices.PEAK_TFLOPS``: H100, H200, A100) the fraction of the data-sheet dense peak for the
+variant's precision: how far the step is from the hardware limit.
 
 Protocol: every variant is built and warmed up first; then ``--rounds`` rounds, in each of which every
 variant runs ``--steps`` steps, round-robin, so that drifts of a shared machine hit all alike. Reported:
@@ -45,7 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from okd.checkpointing import CheckpointPolicy  # noqa: E402
 from okd.config import config_from_dict  # noqa: E402
-from okd.devices import device_name, resolve_auto  # noqa: E402
+from okd.devices import device_name, peak_tflops, resolve_auto  # noqa: E402
 from okd.data.datasets import Dataset, Split  # noqa: E402
 from okd.logger import NullLogger  # noqa: E402
 from okd.methods import build_method  # noqa: E402
@@ -237,11 +238,14 @@ def summarise(results, reference):
 def print_table(title, summary):
     print(f"\n{title}")
     tflops = any("tflop_per_s" in s for s in summary.values())
+    peaks = any(s.get("peak_fraction") is not None for s in summary.values())
     print(f"{'variant':<40} {'median img/s':>13} {'min':>9} {'max':>9} {'x reference':>12}"
-          + (f" {'TFLOP/s':>8}" if tflops else ""))
+          + (f" {'TFLOP/s':>8}" if tflops else "") + (f" {'% of peak':>10}" if peaks else ""))
     for name, s in summary.items():
+        fraction = s.get("peak_fraction")
         print(f"{name:<40} {s['median_img_per_s']:>13.1f} {s['min_img_per_s']:>9.1f} {s['max_img_per_s']:>9.1f} "
-              f"{s['ratio_to_reference']:>12.2f}" + (f" {s['tflop_per_s']:>8.3f}" if tflops else ""))
+              f"{s['ratio_to_reference']:>12.2f}" + (f" {s['tflop_per_s']:>8.3f}" if tflops else "")
+              + ((f" {100 * fraction:>9.1f}%" if fraction is not None else f" {'—':>10}") if peaks else ""))
 
 
 def main(argv=None):
@@ -311,8 +315,12 @@ def main(argv=None):
                       "reference")
     counted = next((t for v, t in trainers.items() if "graphs" not in v), None)
     flops = step_flops(counted, pipes[variants[0]]) if counted is not None else 0.0
-    for s in train.values():
+    for name, s in train.items():
         s["tflop_per_s"] = flops * s["median_img_per_s"] / args.batch_size / 1e12
+        precision = "fp32" if name == "reference" else okd_config(name, args.model, args.batch_size,
+                                                                   device).train.precision
+        peak = peak_tflops(device_name(device), precision)  # the variant's own precision's peak
+        s["precision"], s["peak_fraction"] = precision, (s["tflop_per_s"] / peak if peak else None)
     print_table("data pipeline alone (3 augmented views per image)", pipe)
     print(f"  per core: reference uses {workers} worker process(es), okd {torch.get_num_threads()} thread(s) "
           f"of the training process")

@@ -158,3 +158,10 @@ def test_a_run_written_with_explicit_values_resumes_under_auto(tmp_path, monkeyp
     assert main([*QUICK, "train.epochs=2", f"output.root={tmp_path}", "--save_dir", "old"]) == 0
     lines = (tmp_path / "old" / "log.txt").read_text()
     assert "resumed from" in lines and "epoch 2/2" in lines
+
+
+def test_peak_tflops_of_known_gpus_from_their_data_sheets():
+    assert devices.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert devices.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0  # not the SXM figure
+    assert devices.peak_tflops("NVIDIA H200", "fp32") == 67.0
+    assert devices.peak_tflops("Intel(R) Xeon(R) Processor", "fp32") is None

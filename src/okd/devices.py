@@ -23,7 +23,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -59,6 +59,24 @@ def _cpuinfo() -> str:
 def device_name(device: torch.device) -> str:
     """The name torch reports for a CUDA device, else the CPU's model name."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+# Dense peak TFLOP/s from the vendors' data sheets (tensor cores for bf16/fp16; fp32 without TF32),
+# matched by a substring of the name torch reports; the first match wins.
+PEAK_TFLOPS = (
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),  # SXM / HBM3
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+)
+
+
+def peak_tflops(name: str, precision: str) -> Optional[float]:
+    """The device's dense peak for ``precision`` if okd knows the device, else None."""
+    for key, peaks in PEAK_TFLOPS:
+        if key in name:
+            return peaks.get(precision)
+    return None
 
 
 def cpu_has_native_bf16() -> bool:
