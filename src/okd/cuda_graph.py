@@ -33,16 +33,17 @@ StepFn = Callable[[List[torch.Tensor], torch.Tensor, int], torch.Tensor]
 
 
 class GraphedStep:
-    def __init__(self, step: StepFn, device: torch.device, log, warmup: int = 3):
-        self.step, self.device, self.log = step, device, log
+    def __init__(self, step: StepFn, device: torch.device, log, warmup: int = 3, cuda=torch.cuda):
+        # ``cuda``: the torch.cuda API; tests pass a stand-in to check this class's logic on a CPU
+        self.step, self.device, self.log, self.cuda = step, device, log, cuda
         self.warmup_left = max(1, warmup)
         self.checked_sync = False
         self.enabled = True
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.graph = None  # a torch.cuda.CUDAGraph once captured
         self.static_views: List[torch.Tensor] = []
         self.static_labels: Optional[torch.Tensor] = None
         self.static_loss: Optional[torch.Tensor] = None
-        self.side = torch.cuda.Stream(device)
+        self.side = self.cuda.Stream(device)
 
     def __call__(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int, full: bool) -> torch.Tensor:
         if not (self.enabled and full):
@@ -61,25 +62,25 @@ class GraphedStep:
             v.shape == s.shape and v.stride() == s.stride() for v, s in zip(views, self.static_views))
 
     def eager_on_side_stream(self, views, labels, epoch: int) -> torch.Tensor:
-        self.side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.side):
+        self.side.wait_stream(self.cuda.current_stream(self.device))
+        with self.cuda.stream(self.side):
             if self.checked_sync:
                 loss = self.step(views, labels, epoch)
             else:
                 loss = self.step_checking_syncs(views, labels, epoch)
-        torch.cuda.current_stream(self.device).wait_stream(self.side)
+        self.cuda.current_stream(self.device).wait_stream(self.side)
         return loss
 
     def step_checking_syncs(self, views, labels, epoch: int) -> torch.Tensor:
         self.checked_sync = True
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            previous = torch.cuda.get_sync_debug_mode()
-            torch.cuda.set_sync_debug_mode("warn")
+            previous = self.cuda.get_sync_debug_mode()
+            self.cuda.set_sync_debug_mode("warn")
             try:
                 loss = self.step(views, labels, epoch)
             finally:
-                torch.cuda.set_sync_debug_mode(previous)
+                self.cuda.set_sync_debug_mode(previous)
         syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
         if syncs:
             self.disable(f"the step synchronises with the host ({syncs[0]})")
@@ -89,16 +90,16 @@ class GraphedStep:
         try:
             self.static_views = [v.clone() for v in views]
             self.static_labels = labels.clone()
-            graph = torch.cuda.CUDAGraph()
-            torch.cuda.synchronize(self.device)
-            with torch.cuda.graph(graph):
+            graph = self.cuda.CUDAGraph()
+            self.cuda.synchronize(self.device)
+            with self.cuda.graph(graph):
                 self.static_loss = self.step(self.static_views, self.static_labels, epoch)
             self.graph = graph
             self.log.info(f"cuda graphs: the training step is one graph (batch {labels.shape[0]})")
             return True
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
             self.disable(f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
-            torch.cuda.synchronize(self.device)
+            self.cuda.synchronize(self.device)
             return False
 
     def replay(self, views, labels) -> torch.Tensor:
