@@ -66,6 +66,8 @@ CASES = [
     ("unknown dataset", ["data.name=cifar1000"], {}, "unknown dataset 'cifar1000'"),
     ("unknown precision", ["train.precision=fp8"], {}, "'train.precision' must be auto or fp32 or bf16 or fp16"),
     ("zero batch size", ["train.batch_size=0"], {}, "'train.batch_size' must be > 0"),
+    ("cuda graphs on a CPU", ["train.cuda_graphs=true", "device=cpu"], {}, "train.cuda_graphs needs a CUDA device"),
+    ("negative sync interval", ["train.sync_every=-1"], {}, "'train.sync_every' must be >= 0"),
     ("batch larger than the training set", ["train.batch_size=1000"], {}, "exceeds the 192 training images"),
     ("classes contradict the data", ["model.num_classes=100"], {}, "set model.num_classes=10"),
     ("missing dataset directory", ["data.name=cifar10", "data.root={root}/nodata"], {}, "cifar10 not found"),
