@@ -52,10 +52,9 @@ class Optimization:
     @classmethod
     def build(cls, cfg: Config, method: Method, device: torch.device) -> "Optimization":
         o, s = cfg.optim, cfg.schedule
-        lr = torch.tensor(float(o.lr), device=device)
-        optimizer = torch.optim.SGD(method.parameter_groups(), lr=lr, momentum=o.momentum,
+        optimizer = torch.optim.SGD(method.parameter_groups(), lr=o.lr, momentum=o.momentum,
                                     nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay, fused=True)
-        for group in optimizer.param_groups:  # FFL's group with its own lr gets its own tensor
+        for group in optimizer.param_groups:  # one device tensor per group, before the schedule reads it
             group["lr"] = torch.tensor(float(group["lr"]), device=device)
         if s.name == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)

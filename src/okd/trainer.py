@@ -79,15 +79,24 @@ class Trainer:
             images_done = min((batch.index + 1) * self.stream.batch_size, self.stream.num_images)
             progress.update(images_done, float(loss) if progress.wants_loss() else None)
             if self.sync_due(state, signals):
-                stop = self.step.check(state, epoch, signals.received is not None)
-                if stop or self.checkpoints.due(state.step):
-                    clock = self.save_mid_epoch(clock)
-                if stop:
-                    progress.close()
-                    raise Interrupted(signals.received or signal.SIGTERM,
-                                      f"at epoch {epoch + 1}, batch {batch.index + 1}/{len(self.stream)}")
+                clock = self.sync_point(epoch, signals, clock, progress)
+        # the epoch's end is always a sync point (under torchrun the last global batch may yield nothing here)
+        clock = self.sync_point(epoch, signals, clock, progress, save_due=False)
         progress.close()
         return self.epoch_totals(clock)
+
+    def sync_point(self, epoch: int, signals: StopSignals, clock: float, progress: Progress,
+                   save_due: bool = True) -> float:
+        """Read the step flags (the non-finite policy acts here), write a due checkpoint, stop when asked."""
+        state = self.state
+        stop = self.step.check(state, epoch, signals.received is not None)
+        if stop or (save_due and self.checkpoints.due(state.step)):
+            clock = self.save_mid_epoch(clock)
+        if stop:
+            progress.close()
+            raise Interrupted(signals.received or signal.SIGTERM,
+                              f"at epoch {epoch + 1}, batch {state.batch_in_epoch}/{len(self.stream)}")
+        return clock
 
     def run_step(self, batch: Batch, epoch: int) -> torch.Tensor:
         if self.graphed is not None:
@@ -96,10 +105,9 @@ class Trainer:
         return self.step(batch.views, batch.labels, epoch)
 
     def sync_due(self, state: RunState, signals: StopSignals) -> bool:
-        """Whether the host reads the step flags now: a sync point, a checkpoint, the epoch's end,
-        or (in a single process, where no other rank must agree) a stop signal."""
+        """Whether the host reads the step flags now: every sync_every steps, at a checkpoint, or (in
+        a single process, where no other rank must agree) on a stop signal."""
         return (state.step % self.sync_every == 0 or self.checkpoints.due(state.step)
-                or state.batch_in_epoch == len(self.stream)
                 or (signals.received is not None and not self.dist.enabled))
 
     def save_mid_epoch(self, clock: float) -> float:
