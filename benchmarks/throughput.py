@@ -304,8 +304,9 @@ def main(argv=None):
     print(f"okd+auto on this device: precision {auto.precision}, channels_last {auto.channels_last}, "
           f"batched_branches {auto.batched_branches}, cuda_graphs {auto.cuda_graphs}")
     # warm up (compilation, cuDNN autotuning, allocator, worker start-up)
-    for fn in list(steps.values()) + list(pipes.values()):
-        for _ in range(args.warmup):
+    for name, fn in list(steps.items()) + list(pipes.items()):
+        graphed = name in trainers and trainers[name].graphed is not None
+        for _ in range(max(args.warmup, 5) if graphed else args.warmup):  # a graph is captured after 3 eager steps
             fn()
     sync(device)
 
