@@ -16,7 +16,9 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from conftest import random_batch
+from conftest import QUICKSTART, random_batch, records
+from okd import checkpoint, trainer
+from okd.cli import main
 from okd.config import config_from_dict
 from okd.cuda_graph import GraphedStep
 from okd.methods.pcl import PCL
@@ -112,8 +114,10 @@ class FakeCuda:
         g = self.graphed
 
         def replay():
+            # a real replay runs no Python: the epoch is whatever the device-side weight holds
             self.replays += 1
-            g.static_loss.copy_(g.step(g.static_views, g.static_labels, 0))
+            epoch = self.train_step.method.kd_scale_epoch
+            g.static_loss.copy_(g.step(g.static_views, g.static_labels, epoch))
 
         graph.replay = replay
 
@@ -169,3 +173,28 @@ def test_a_step_that_synchronises_is_never_captured():
     assert fake.captures == 0 and not graphed.enabled
     assert any("cuda graphs off: the step synchronises with the host" in line for line in log.lines)
     assert losses == run_eager()[2]
+
+
+def test_the_trainer_with_a_graphed_step_trains_what_the_eager_trainer_trains(tmp_path, monkeypatch):
+    """Two epochs of 4 full batches and a partial one: warm-up, capture, replays across an epoch
+    boundary (new lr and ramp-up weight read from the device), the partial batches eagerly."""
+    run = ["--config", QUICKSTART, "device=cpu", "data.train_subset=300", "train.batch_size=64", "train.epochs=2",
+           "schedule.milestones=[1]", "method.rampup_epochs=2", f"output.root={tmp_path}"]
+    assert main([*run, "--save_dir", "eager"]) == 0
+    fakes = []
+
+    def graphed_step(step, device, log):
+        fake = FakeCuda(step)
+        fake.graphed = GraphedStep(step, device, log, cuda=fake)
+        fakes.append(fake)
+        return fake.graphed
+
+    monkeypatch.setattr(trainer, "use_cuda_graphs", lambda *args: True)
+    monkeypatch.setattr(trainer, "GraphedStep", graphed_step)
+    assert main([*run, "--save_dir", "graphed"]) == 0
+    assert fakes[0].captures == 1 and fakes[0].replays == 1 + 4  # epoch 1: batch 4; epoch 2: batches 1-4
+    eager = checkpoint.load(tmp_path / "eager" / "last.pt")["method_state"]
+    graphed = checkpoint.load(tmp_path / "graphed" / "last.pt")["method_state"]
+    assert all(torch.equal(eager[k], graphed[k]) for k in eager)
+    for a, b in zip(records(tmp_path / "eager"), records(tmp_path / "graphed")):
+        assert a["val"] == b["val"] and a["train"]["loss"] == b["train"]["loss"] and a["lr"] == b["lr"]
