@@ -90,17 +90,23 @@ class LossMeter:
         self.names: List[str] = []
         self.sums: Optional[torch.Tensor] = None
         self.images = torch.zeros((), dtype=torch.float64, device=device)
-        self.pending: Dict[str, float] = {}  # sums loaded before the term names are known
+        self.zero = torch.zeros((), dtype=torch.float64, device=device)
+        # sums loaded before the term names are known, already on the device: the first step
+        # builds its vector from them without a host-to-device copy (which would synchronise)
+        self.pending: Dict[str, torch.Tensor] = {}
 
     def load(self, state: RunState) -> None:
         """Start from the epoch-in-progress sums of ``state`` (zero at an epoch boundary)."""
-        self.pending = dict(state.loss_sums)
+        self.pending = {k: torch.tensor(v, dtype=torch.float64, device=self.device)
+                        for k, v in state.loss_sums.items()}
         self.images.fill_(float(state.images))
         if self.sums is not None:
             self.sums.copy_(self._initial(self.names))
 
     def _initial(self, names: List[str]) -> torch.Tensor:
-        return torch.tensor([self.pending.get(n, 0.0) for n in names], dtype=torch.float64, device=self.device)
+        if not names:
+            return self.zero.new_zeros(0)
+        return torch.stack([self.pending.get(n, self.zero) for n in names])
 
     def add(self, names: List[str], values: torch.Tensor, count: int, skip: torch.Tensor) -> None:
         """``values`` (one per name) of a step on ``count`` images; nothing where ``skip`` is 1."""
