@@ -48,12 +48,16 @@ echo 0 > "$queue/next"
 total=$(wc -l < "$queue/cells")
 
 next_cell() {  # the next line of the queue, under a lock shared by all workers; empty when done
-    (
-        flock 9
-        n=$(cat "$queue/next")
-        echo $(( n + 1 )) > "$queue/next"
-        sed -n "$(( n + 1 ))p" "$queue/cells"
-    ) 9> "$queue/lock"
+    python - "$queue" <<'PY'
+import fcntl, pathlib, sys
+queue = pathlib.Path(sys.argv[1])
+with open(queue / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    n = int((queue / "next").read_text())
+    (queue / "next").write_text(str(n + 1))
+    cells = (queue / "cells").read_text().splitlines()
+    print(cells[n] if n < len(cells) else "")
+PY
 }
 
 worker() {  # $1: a GPU index, or "cpu"; the rest: arguments of every run
