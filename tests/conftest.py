@@ -20,6 +20,14 @@ def _small_threads():
     yield
 
 
+def large_backbones():
+    """Registered backbones of more than a million parameters: their per-backbone tests are marked slow."""
+    from okd import create_model
+    from okd.models import BACKBONES
+
+    return {name for name in BACKBONES.names() if sum(p.numel() for p in create_model(name, 10).parameters()) > 1e6}
+
+
 def records(run_dir):
     """The epoch records of a run's metrics.jsonl."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import random_batch
+from conftest import large_backbones, random_batch
 from okd.errors import ConfigError
 from okd.methods import METHODS, build_method
 from okd.models import BACKBONES, MultiBranchNet, backbone_options, backbone_spec, enable_batched_branches
@@ -36,7 +36,7 @@ from okd.models.batched import GroupedBatchNorm2d, GroupedConv2d, GroupedLinear
 CLASSES = 10
 TOL = dict(rtol=1e-5, atol=1e-5)
 TOL64 = dict(rtol=1e-9, atol=1e-9)
-LARGE = {"resnet110", "wrn20_8", "vgg16"}
+LARGE = large_backbones()
 
 
 def multi_branch_methods():
@@ -152,9 +152,10 @@ def test_batched_branches_equal_branches_one_by_one_fp32(name, backbone):
 @pytest.mark.parametrize("name", MULTI_BRANCH)
 def test_batched_branches_equal_branches_one_by_one_fp64(name, backbone):
     reference, batched = pair(name, backbone, torch.float64)
-    # fp64 convolutions have no fast CPU kernels: one step and two images on the largest networks
-    steps, batch = (1, 2) if backbone in LARGE else (2, 4)
-    assert_equivalent(reference, batched, steps=steps, lr=0.1, tol=TOL64, dtype=torch.float64, batch=batch)
+    # fp64 convolutions have no fast CPU kernels: one step on the largest networks (not fewer images:
+    # with 2 images at 1x1 in ResNet-50's last stage, BatchNorm's gradient is ill-conditioned even in fp64)
+    steps = 1 if backbone in LARGE else 2
+    assert_equivalent(reference, batched, steps=steps, lr=0.1, tol=TOL64, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("backbone", ["resnet8_tiny", "densenet40_12"])

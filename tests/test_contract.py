@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, random_batch
+from conftest import REPO, large_backbones, random_batch
 from okd import create_model
 from okd.errors import ConfigError, OkdError
 from okd.methods import METHODS, KDOptions, Method, MethodOptions, build_method, total_loss
@@ -20,7 +20,7 @@ from okd.methods.base import MethodContractError
 from okd.models import BACKBONES, backbone_spec
 from okd.registry import Registry
 
-LARGE = {"resnet110", "wrn20_8", "vgg16"}  # 1-30 M parameters per network: slow to build 8 times
+LARGE = large_backbones()  # 1-30 M parameters per network: slow to build 8 times
 CLASSES = 10
 
 

@@ -22,6 +22,31 @@ SPEC = {
 }
 
 
+# torchvision's published counts at 1000 classes (its model builders' documentation)
+TORCHVISION = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032}
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION))
+def test_imagenet_resnets_are_torchvisions(name):
+    """Exact parameter count; the deployable network loads strict into torchvision's and gives its logits."""
+    import torchvision
+
+    from okd.models.imagenet_resnet import torchvision_state_dict
+
+    torch.manual_seed(0)
+    ours = okd.create_model(name, 1000).eval()
+    assert count(ours) == TORCHVISION[name]
+    theirs = getattr(torchvision.models, name)().eval()
+    theirs.load_state_dict(torchvision_state_dict(ours.state_dict()), strict=True)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours(images), theirs(images))
+    # the trunk/branch split: layer4 and the classifier are the branch
+    spec = backbone_spec(name, 1000)
+    assert count(spec.make_branch()) == sum(p.numel() for k, p in theirs.named_parameters()
+                                            if k.startswith(("layer4.", "fc.")))
+
+
 @pytest.mark.parametrize("name", sorted(SPEC))
 def test_parameter_counts(name):
     c10, c100, trunk, branch100 = SPEC[name]
@@ -82,3 +107,23 @@ def test_multibranch_views_and_single_state_dict():
     single = okd.create_model("resnet8_tiny", 5)
     single.load_state_dict(net.single_state_dict(1))
     assert torch.allclose(single.eval()(x), logits[1], atol=1e-6)
+
+
+def test_a_backbone_refuses_an_image_size_it_cannot_take_in_one_line():
+    from okd.errors import ConfigError
+    from okd.models import check_input_size
+
+    spec = backbone_spec("vgg16", 10)
+    check_input_size("vgg16", spec, 32, "cifar10")  # its own size
+    with pytest.raises(ConfigError) as err:
+        check_input_size("vgg16", spec, 64, "imagefolder")
+    assert str(err.value) == ("model vgg16 takes 32x32 images, dataset 'imagefolder' has 64x64; pick another "
+                              "model (e.g. resnet18) or resize the data")
+    # without the check, the mismatch would surface deep in the classifier
+    net = okd.create_model("vgg16", 10).eval()
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        net(torch.randn(1, 3, 64, 64))
+    # networks that pool adaptively take other sizes
+    for name in ("resnet32", "densenet40_12", "resnet18"):
+        check_input_size(name, backbone_spec(name, 10), 64, "imagefolder")
+        assert okd.create_model(name, 10).eval()(torch.randn(1, 3, 64, 64)).shape == (1, 10)

@@ -32,7 +32,7 @@ from .distributed import DistInfo
 from .errors import CheckpointError, ConfigError, DataError, OkdError
 from .logger import NullLogger, RunLogger
 from .methods import Method, build_method
-from .models import backbone_spec, enable_batched_branches
+from .models import backbone_spec, check_input_size, enable_batched_branches
 from .models.view_bn import convert_sync_batchnorm
 from .run_state import RunState
 from .signals import Interrupted
@@ -174,7 +174,7 @@ def run(args) -> int:
                   f"raise train.epochs to continue or pass --overwrite to start over")
         return 0
     dataset = load_checked_dataset(cfg)
-    method = build_run_method(run_cfg, dataset.num_classes, device)
+    method = build_run_method(run_cfg, dataset.num_classes, device, image_size=dataset.train.images.shape[-1])
     distributed.init(dist, device)
     optimization = Optimization.build(run_cfg, method, device)
     # the checkpoint is loaded before anything is written: one that does not fit leaves no trace
@@ -228,9 +228,10 @@ def load_checked_dataset(cfg: Config):
     return dataset
 
 
-def build_run_method(cfg: Config, num_classes: int, device: torch.device) -> Method:
+def build_run_method(cfg: Config, num_classes: int, device: torch.device, image_size: int = 32) -> Method:
     torch.manual_seed(cfg.seed)  # the seed alone fixes the initial weights, on every rank
     spec = backbone_spec(cfg.model.name, num_classes, **cfg.model_options())
+    check_input_size(cfg.model.name, spec, image_size, cfg.data.name)
     method = build_method(cfg.method.name, spec, num_classes, cfg.method)
     if cfg.train.sync_bn:
         method = convert_sync_batchnorm(method)  # per-view statistics kept under method.fused_views

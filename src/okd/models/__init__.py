@@ -36,6 +36,14 @@ def backbone_spec(name: str, num_classes: int, **options) -> BackboneSpec:
     return BACKBONES.get(name)(num_classes, **check_model_options(name, **options))
 
 
+def check_input_size(name: str, spec: BackboneSpec, size: int, dataset: str) -> None:
+    """A one-line ConfigError when backbone ``name`` cannot take ``size`` x ``size`` images."""
+    if spec.input_size is not None and size != spec.input_size:
+        raise ConfigError(f"model {BACKBONES.canonical(name)} takes {spec.input_size}x{spec.input_size} images, "
+                          f"dataset '{dataset}' has {size}x{size}; pick another model (e.g. resnet18) or resize "
+                          f"the data")
+
+
 def enable_batched_branches(module) -> int:
     """Run the branches of every multi-branch network in ``module`` as one grouped computation
     (``okd.models.batched``); the number of networks switched. A ConfigError if one cannot be."""
@@ -57,5 +65,5 @@ def create_model(name: str, num_classes: int, dropout: Optional[float] = None,
 
 
 __all__ = ["BACKBONES", "MODEL_OPTIONS", "BackboneSpec", "Branch", "BranchOutput", "BranchOutputs", "IndependentNets",
-           "MultiBranchNet", "SingleNet", "backbone_options", "backbone_spec", "check_model_options", "create_model",
-           "enable_batched_branches"]
+           "MultiBranchNet", "SingleNet", "backbone_options", "backbone_spec", "check_input_size", "check_model_options",
+           "create_model", "enable_batched_branches"]

@@ -82,6 +82,7 @@ class BackboneSpec:
     trunk_channels: int  # channels of the shared trunk's output (ONE's gate reads it)
     # how this backbone initialises a classifier Linear; methods apply it to the layers they add
     init_linear: Callable[[nn.Linear], None] = no_init
+    input_size: Optional[int] = None  # the only image side the network takes (None: any)
 
 
 class SingleNet(nn.Module):

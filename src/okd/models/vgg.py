@@ -65,4 +65,5 @@ def vgg16_spec(num_classes: int, dropout: float = 0.0) -> BackboneSpec:
         init_weights(branch)
         return branch
 
-    return BackboneSpec(make_trunk, make_branch, 512, trunk_channels=512, init_linear=init_linear)
+    # five 2x2 max-pools must leave the 512x1x1 map the classifier reads
+    return BackboneSpec(make_trunk, make_branch, 512, trunk_channels=512, init_linear=init_linear, input_size=32)
