@@ -59,7 +59,7 @@ CASES = [
     ("momentum out of range", ["optim.momentum=1.5"], {}, "'optim.momentum' must be in [0, 1)"),
     ("zero epochs", ["train.epochs=0", "schedule.milestones=[]"], {}, "'train.epochs' must be > 0"),
     ("milestones beyond the last epoch", ["schedule.milestones=[5]"], {}, "lie beyond the last epoch"),
-    ("unknown backbone", ["--model", "resnet33"], {}, "unknown model 'resnet33' (did you mean 'resnet32'?)"),
+    ("unknown backbone", ["--model", "resnt32"], {}, "unknown model 'resnt32' (did you mean 'resnet32'?)"),
     ("unknown method", ["--method", "pcll"], {}, "unknown method 'pcll' (did you mean 'pcl'?)"),
     ("unknown method option", ["--method", "dml", "method.ema_decay=0.9"], {}, "unknown config key 'method.ema_decay'"),
     ("bad method option", ["--method", "kdcl", "method.teacher=linear"], {}, "'method.teacher' must be minlogit or naive"),

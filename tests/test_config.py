@@ -57,7 +57,7 @@ def test_alias_resolves_to_canonical():
     ("schedule:\n  milestones: 150\n", [], "config key 'schedule.milestones' must be a list"),
     ("optim:\n  lr: -0.1\n", [], "config key 'optim.lr' must be > 0"),
     ("train:\n  epochs: 0\n", [], "config key 'train.epochs' must be > 0"),
-    ("", ["model.name=resnet23"], "unknown model 'resnet23' (did you mean 'resnet32'?)"),
+    ("", ["model.name=resnte32"], "unknown model 'resnte32' (did you mean 'resnet32'?)"),
     ("", ["method.name=pcll"], "unknown method 'pcll' (did you mean 'pcl'?)"),
     ("", ["data.name=cifar1000"], "unknown dataset 'cifar1000'"),
     ("", ["train.epochs"], "must look like key.sub=value"),
