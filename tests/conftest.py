@@ -13,6 +13,28 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yml")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fp32_on_every_cpu(tmp_path_factory):
+    """train.precision=auto means fp32 in the tests on every CPU: the bf16 probe's cache says so.
+
+    (A CPU where bf16 is measured faster would otherwise run every CLI test in bf16; the probe
+    itself is tested with its own cache.) Subprocesses inherit the variable.
+    """
+    from okd import devices
+
+    cache = tmp_path_factory.mktemp("okd_cache")
+    keys = {f"{devices.cpu_name()} | torch {torch.__version__} | threads {n}": 0.0
+            for n in range(1, (os.cpu_count() or 1) + 1)}
+    (cache / "cpu_bf16_probe.json").write_text(json.dumps(keys))
+    previous = os.environ.get("OKD_CACHE")
+    os.environ["OKD_CACHE"] = str(cache)
+    yield
+    if previous is None:
+        os.environ.pop("OKD_CACHE", None)
+    else:
+        os.environ["OKD_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _small_threads():
     # CI has 2 cores; keep runs comparable and deterministic
