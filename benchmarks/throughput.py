@@ -49,9 +49,9 @@ from okd.config import config_from_dict  # noqa: E402
 from okd.devices import device_name, peak_tflops, resolve_auto  # noqa: E402
 from okd.data.datasets import Dataset, Split  # noqa: E402
 from okd.logger import NullLogger  # noqa: E402
-from okd.methods import build_method  # noqa: E402
 from okd.methods.pcl import PCL  # noqa: E402
-from okd.models import backbone_spec, enable_batched_branches  # noqa: E402
+from okd.cli import build_run_method  # noqa: E402
+from okd.models import backbone_spec  # noqa: E402
 from okd.run_state import RunState  # noqa: E402
 from okd.step import Optimization  # noqa: E402
 from okd.trainer import Trainer  # noqa: E402
@@ -166,12 +166,7 @@ def okd_trainer(variant, model, batch_size, images_u8, labels, device):
     split = Split(images_u8, labels)
     dataset = Dataset("synthetic", split, Split(images_u8[:10], labels[:10]), [str(i) for i in range(100)],
                       CIFAR100_MEAN, CIFAR100_STD)
-    torch.manual_seed(0)
-    method = build_method("pcl", backbone_spec(model, 100), 100, cfg.method).to(device)
-    if cfg.train.channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    if cfg.train.batched_branches:
-        enable_batched_branches(method)
+    method = build_run_method(cfg, 100, device)  # the run's own builder: seed 0, the variant's settings
     trainer = Trainer(cfg, method, dataset, device, Optimization.build(cfg, method, device), RunState(),
                       CheckpointPolicy(None), NullLogger())
     state = {"draws": trainer.stream.draws(0), "b": 0, "batches": n // batch_size}
@@ -318,8 +313,7 @@ def main(argv=None):
     flops = step_flops(counted, pipes[variants[0]]) if counted is not None else 0.0
     for name, s in train.items():
         s["tflop_per_s"] = flops * s["median_img_per_s"] / args.batch_size / 1e12
-        precision = "fp32" if name == "reference" else okd_config(name, args.model, args.batch_size,
-                                                                   device).train.precision
+        precision = "fp32" if name == "reference" else trainers[name].cfg.train.precision
         peak = peak_tflops(device_name(device), precision)  # the variant's own precision's peak
         s["precision"], s["peak_fraction"] = precision, (s["tflop_per_s"] / peak if peak else None)
     print_table("data pipeline alone (3 augmented views per image)", pipe)

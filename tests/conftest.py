@@ -50,6 +50,37 @@ def large_backbones():
     return {name for name in BACKBONES.names() if sum(p.numel() for p in create_model(name, 10).parameters()) > 1e6}
 
 
+class ListLog:
+    """A run logger that keeps its lines."""
+
+    def __init__(self):
+        self.lines = []
+
+    def info(self, line):
+        self.lines.append(line)
+
+
+def pcl_train_step(**train):
+    """(TrainStep, its log) of a tiny PCL on CPU, ready for its first step; ``train``: train.* settings."""
+    from okd.config import config_from_dict
+    from okd.methods.pcl import PCL
+    from okd.models import backbone_spec
+    from okd.run_state import LossMeter, RunState
+    from okd.step import Optimization, TrainStep
+
+    cfg = config_from_dict({"device": "cpu", "model": {"name": "resnet8_tiny"}, "method": {"name": "pcl"},
+                            "train": {"precision": "fp32", "batch_size": 4, **train}})
+    torch.manual_seed(0)
+    method = PCL(backbone_spec("resnet8_tiny", 10), 10, cfg.method).train()
+    device = torch.device("cpu")
+    log = ListLog()
+    step = TrainStep(method, method, Optimization.build(cfg, method, device), LossMeter(device), cfg, device, log)
+    step.meter.load(RunState())
+    step.start(RunState())
+    method.set_epoch(0)
+    return step, log
+
+
 def records(run_dir):
     """The epoch records of a run's metrics.jsonl."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -16,36 +16,15 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from conftest import QUICKSTART, random_batch, records
+from conftest import QUICKSTART, ListLog, pcl_train_step, random_batch, records
 from okd import checkpoint, trainer
 from okd.cli import main
-from okd.config import config_from_dict
 from okd.cuda_graph import GraphedStep
-from okd.methods.pcl import PCL
-from okd.models import backbone_spec
-from okd.run_state import LossMeter, RunState
-from okd.step import Optimization, TrainStep
-
-
-class Log:
-    def __init__(self):
-        self.lines = []
-
-    def info(self, line):
-        self.lines.append(line)
 
 
 def build():
-    cfg = config_from_dict({"device": "cpu", "model": {"name": "resnet8_tiny"}, "method": {"name": "pcl"},
-                            "train": {"precision": "fp32", "batch_size": 4}})
-    torch.manual_seed(0)
-    method = PCL(backbone_spec("resnet8_tiny", 10), 10, cfg.method).train()
-    device = torch.device("cpu")
-    step = TrainStep(method, method, Optimization.build(cfg, method, device), LossMeter(device), cfg, device, Log())
-    step.meter.load(RunState())
-    step.start(RunState())
-    method.set_epoch(0)
-    return step, method
+    step, _ = pcl_train_step()
+    return step, step.method
 
 
 class FakeGraph:
@@ -133,7 +112,7 @@ def batches(n_full, partial=3, size=4):
 def run_graphed(fake_kwargs=None, n_full=7):
     step, method = build()
     fake = FakeCuda(step, **(fake_kwargs or {}))
-    log = Log()
+    log = ListLog()
     graphed = GraphedStep(step, torch.device("cpu"), log, warmup=3, cuda=fake)
     fake.graphed = graphed
     losses = [float(graphed(v, y, 0, full=y.numel() == 4)) for v, y in batches(n_full)]

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from conftest import QUICKSTART, random_batch, records
+from conftest import QUICKSTART, ListLog, pcl_train_step, random_batch, records
 from okd import checkpoint
 from okd.cli import main
 from okd.config import config_from_dict
@@ -17,26 +17,9 @@ from okd.step import Optimization, TrainStep
 QUICK = ["--config", QUICKSTART, "device=cpu", "data.train_subset=256", "train.batch_size=64"]
 
 
-class Log:
-    def __init__(self):
-        self.lines = []
-
-    def info(self, line):
-        self.lines.append(line)
-
-
 def build(precision="fp32", nonfinite="skip"):
-    cfg = config_from_dict({"device": "cpu", "model": {"name": "resnet8_tiny"}, "method": {"name": "pcl"},
-                            "train": {"precision": precision, "nonfinite": nonfinite, "batch_size": 4}})
-    torch.manual_seed(0)
-    method = PCL(backbone_spec("resnet8_tiny", 10), 10, cfg.method).train()
-    device = torch.device("cpu")
-    optimization = Optimization.build(cfg, method, device)
-    log = Log()
-    step = TrainStep(method, method, optimization, LossMeter(device), cfg, device, log)
-    step.meter.load(RunState())
-    step.start(RunState())
-    return step, method, optimization, log
+    step, log = pcl_train_step(precision=precision, nonfinite=nonfinite)
+    return step, step.method, step.opt, log
 
 
 def snapshot(method, optimization, step):
@@ -148,7 +131,7 @@ def test_the_cuda_step_loop_never_synchronises(graphs):
     device = torch.device("cuda")
     torch.manual_seed(0)
     method = PCL(backbone_spec("resnet8_tiny", 10), 10, cfg.method).to(device).train()
-    step = TrainStep(method, method, Optimization.build(cfg, method, device), LossMeter(device), cfg, device, Log())
+    step = TrainStep(method, method, Optimization.build(cfg, method, device), LossMeter(device), cfg, device, ListLog())
     step.meter.load(RunState())
     step.start(RunState())
     views = [torch.randn(8, 3, 32, 32, device=device) for _ in range(3)]
@@ -158,7 +141,7 @@ def test_the_cuda_step_loop_never_synchronises(graphs):
     if graphs:
         from okd.cuda_graph import GraphedStep
 
-        graphed = GraphedStep(step, device, Log())
+        graphed = GraphedStep(step, device, ListLog())
         run = lambda v, y, e: graphed(v, y, e, True)  # noqa: E731
     for _ in range(5):  # warm-up (and capture): lazy initialisations may read the device once
         run(views, labels, 0)

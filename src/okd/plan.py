@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch
 
 from .config import Config, load_config
 from .errors import OkdError
-from .report import read_metrics
+from .report import median_img_per_s, read_metrics
 
 TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "imagefolder": 50_000, "digits": 1_438}
 DEFAULT_METHODS = ("vanilla", "dml", "cl", "one", "ffl", "okddip", "kdcl", "pcl")
@@ -63,15 +62,14 @@ def measured_speed(path: Path) -> Tuple[int, Optional[float]]:
     records = [r for r in read_metrics(path) if "train" in r]
     if not records:
         return 0, None
-    return max(int(r["epoch"]) for r in records), statistics.median(float(r["train"]["img_per_s"]) for r in records)
+    return max(int(r["epoch"]) for r in records), median_img_per_s(records)
 
 
 def probe_speed(cfg: Config, backbone: str, method: str, device: torch.device, steps: int = 6) -> float:
     """Training img/s of ``method`` on ``backbone`` here, with the device's default settings."""
+    from .cli import build_run_method
     from .config import config_from_dict
     from .devices import resolve_auto
-    from .methods import build_method
-    from .models import backbone_spec, enable_batched_branches
     from .run_state import LossMeter
     from .step import Optimization, TrainStep
 
@@ -80,14 +78,7 @@ def probe_speed(cfg: Config, backbone: str, method: str, device: torch.device, s
     tree["method"] = {"name": method}
     run_cfg, _ = resolve_auto(config_from_dict(tree), device)
     classes = 100 if cfg.data.name == "cifar100" else 10
-    torch.manual_seed(0)
-    model = build_method(method, backbone_spec(backbone, classes, **run_cfg.model_options()), classes,
-                         run_cfg.method).to(device)
-    if run_cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if run_cfg.train.batched_branches:
-        enable_batched_branches(model)
-    model.train()
+    model = build_run_method(run_cfg, classes, device).train()
     step = TrainStep(model, model, Optimization.build(run_cfg, model, device), LossMeter(device), run_cfg, device,
                      log=None)
     b = run_cfg.train.batch_size

@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,12 @@ def read_metrics(run_dir: Path) -> List[Dict]:
         except (ValueError, TypeError, AttributeError):
             continue
     return out
+
+
+def median_img_per_s(records: Sequence[Dict]) -> Optional[float]:
+    """The median epoch's training img/s (the first epoch carries warm-up: cuDNN autotuning, graph capture)."""
+    speeds = [float(r["train"]["img_per_s"]) for r in records if "train" in r]
+    return statistics.median(speeds) if speeds else None
 
 
 def read_run(run_dir: Path, metric: str = "reported") -> Optional[Run]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -23,7 +22,7 @@ from typing import Dict, List, Optional
 from . import checkpoint
 from .errors import OkdError
 from .paper import paper_top1
-from .report import read_metrics
+from .report import median_img_per_s, read_metrics
 
 RECORD_VERSION = 1
 PROTOCOLS = ("paper", "scaled")
@@ -57,8 +56,7 @@ def build_record(run_dir: Path, protocol: str, dataset: Optional[str] = None,
         "paper_top1": paper_top1(name, cfg["model"]["name"], cfg["method"]["name"]),
         "wall_seconds": wall_seconds if wall_seconds is not None else train_seconds + eval_seconds,
         "train_seconds": train_seconds,
-        # the median epoch: the first one carries warm-up (cuDNN autotuning, graph capture)
-        "img_per_s": statistics.median(float(r["train"]["img_per_s"]) for r in records) if records else None,
+        "img_per_s": median_img_per_s(records),
         "precision": cfg["train"]["precision"],
         "device": environment.get("device", "unknown"), "torch": environment.get("torch", blob.get("torch_version")),
         "commit": environment.get("commit", "unknown"),
