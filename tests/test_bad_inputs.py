@@ -75,7 +75,7 @@ CASES = [
     ("ImageFolder with an empty class", ["data.name=imagefolder", "data.root={root}/empty_class",
                                          "data.cache_dir={root}/cache1"], {}, "holds no images"),
     ("ImageFolder train/test classes differ", ["data.name=imagefolder", "data.root={root}/mismatch",
-                                               "data.cache_dir={root}/cache2"], {}, "train and test class folders differ"),
+                                               "data.cache_dir={root}/cache2"], {}, "differ: 1 only in train"),
     ("checkpoint of another backbone", ["--resume", "{out}/existing/last.pt", "--model", "resnet32"], {},
      "is for model name 'resnet8_tiny'"),
     ("checkpoint of another method", ["--resume", "{out}/existing/last.pt", "--method", "dml"], {},

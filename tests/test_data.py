@@ -69,9 +69,9 @@ def test_imagefolder_resizes_other_sizes(tmp_path):
 
 
 @pytest.mark.parametrize("setup,fragment", [
-    ("missing", "ImageFolder split"),
+    ("missing", "an ImageFolder tree"),
     ("empty_class", "holds no images"),
-    ("mismatch", "class folders differ"),
+    ("mismatch", "differ: 1 only in train"),
 ])
 def test_imagefolder_errors(tmp_path, setup, fragment):
     root = tmp_path / "tree"

@@ -42,7 +42,7 @@ from .trainer import Trainer
 # Keys that may change when a run is continued: they do not alter what is computed.
 RESUMABLE_KEYS = {"train.epochs", "device", "train.log_every", "train.eval_every", "train.eval_batch_size",
                   "train.threads", "data.root", "data.cache_dir", "data.download", "output.root",
-                  "checkpoint.every_n_steps", "train.max_skipped_steps", "train.channels_last",
+                  "checkpoint.every_n_steps", "train.max_skipped_steps", "train.channels_last", "data.workers",
                   "train.compile", "train.cuda_graphs", "train.batched_branches", "train.sync_every"}
 
 
@@ -174,7 +174,7 @@ def run(args) -> int:
                   f"raise train.epochs to continue or pass --overwrite to start over")
         return 0
     dataset = load_checked_dataset(cfg)
-    method = build_run_method(run_cfg, dataset.num_classes, device, image_size=dataset.train.images.shape[-1])
+    method = build_run_method(run_cfg, dataset.num_classes, device, image_size=dataset.image_size)
     distributed.init(dist, device)
     optimization = Optimization.build(run_cfg, method, device)
     # the checkpoint is loaded before anything is written: one that does not fit leaves no trace
@@ -299,7 +299,8 @@ def log_header(log, cfg: Config, dataset, method: Method, device, dist: DistInfo
              f"{platform.python_version()} | device {device} ({devices.device_name(device)}) | threads {torch.get_num_threads()}"
              + (f" | torchrun world size {dist.world_size}" if dist.enabled else ""))
     log.info(f"data {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images, "
-             f"{dataset.num_classes} classes | model {cfg.model.name}{f' ({model})' if model else ''} | method "
+             f"{dataset.num_classes} classes, {dataset.image_size}px {dataset.augment}, {dataset.pipeline} "
+             f"pipeline | model {cfg.model.name}{f' ({model})' if model else ''} | method "
              f"{cfg.method.name} | trainable parameters "
              f"{sum(p.numel() for g in method.parameter_groups() for p in g['params']):,}")
     if resume_from is not None:

@@ -26,7 +26,7 @@ from .registry import closest
 
 @dataclass
 class DataConfig:
-    name: str = "cifar100"  # cifar10 | cifar100 | imagefolder | digits
+    name: str = "cifar100"  # cifar10 | cifar100 | imagefolder | tinyimagenet | imagenet | digits
     root: Optional[str] = None  # null: $OKD_DATA, else ./data
     download: bool = False  # try torchvision's downloader when CIFAR is missing
     mean: Optional[List[float]] = None  # null: the dataset's standard constants
@@ -36,6 +36,11 @@ class DataConfig:
     cache_dir: Optional[str] = None  # decoded-ImageFolder cache; null: beside the data or ~/.cache/okd
     train_subset: Optional[int] = None  # use a fixed random subset of this many training images (null: all)
     test_subset: Optional[int] = None  # same for the test split
+    pipeline: str = "auto"  # resident | stream | auto (resident when crop_flip data decodes into <= 4 GiB)
+    image_size: Optional[int] = None  # side of the views; null: the dataset's (32, tinyimagenet 64, imagenet 224)
+    augment: Optional[str] = None  # crop_flip | resized_crop; null: the dataset's recipe (imagenet: resized_crop)
+    crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # resized_crop's area fraction range
+    workers: Optional[int] = None  # streaming decode processes per training process; null: its share of the cores
 
 
 @dataclass
@@ -306,6 +311,8 @@ def _positive(value, key):
 def validate(cfg: Config) -> None:
     """Range checks that the type system cannot express."""
     from .data import DATASETS
+    from .data.datasets import PIPELINES
+    from .data.images import AUGMENTS
     from .models import BACKBONES
 
     DATASETS.canonical(cfg.data.name)
@@ -344,6 +351,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.log_every' must be > 0 and 'train.threads' >= 0")
     if cfg.data.pad < 0:
         raise ConfigError(f"config key 'data.pad' must be >= 0, got {cfg.data.pad}")
+    for key, value, choices in (("data.pipeline", cfg.data.pipeline, PIPELINES),
+                                ("data.augment", cfg.data.augment, (None,) + AUGMENTS)):
+        if value not in choices:
+            shown = [c for c in choices if c]
+            raise ConfigError(f"config key '{key}' must be {' or '.join(shown)}{' or null' if None in choices else ''}"
+                              f", got '{value}'{closest(str(value), shown)}")
+    if cfg.data.image_size is not None:
+        _positive(cfg.data.image_size, "data.image_size")
+    lo_hi = cfg.data.crop_scale
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+        raise ConfigError(f"config key 'data.crop_scale' must be [low, high] with 0 < low <= high <= 1, got {lo_hi}")
+    if cfg.data.workers is not None and cfg.data.workers < 0:
+        raise ConfigError(f"config key 'data.workers' must be >= 0 or null, got {cfg.data.workers}")
     for key in ("mean", "std"):
         value = getattr(cfg.data, key)
         if value is not None and len(value) != 3:

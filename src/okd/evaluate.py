@@ -1,18 +1,31 @@
-"""Test-set evaluation: top-1 (and top-5 with more than 10 classes) of every model a method has."""
+"""Test-set evaluation: top-1 (and top-5 with more than 10 classes) of every model a method has.
+
+Under torchrun each rank evaluates one contiguous shard of the test split and the
+correct counts are summed, so every test image is counted exactly once (no sampler
+padding). The resident path slices its device tensor; the streaming path decodes its
+shard in DataLoader workers (``okd.data.streaming``).
+"""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 from . import distributed
 from .data import Normalizer, Split
+from .data.streaming import EvalImages, eval_jobs, loader, on_device, workers
 from .distributed import DistInfo
 from .methods import Method
 
 
+def shard_range(count: int, dist: DistInfo) -> Tuple[int, int]:
+    """[start, stop) of this rank's contiguous shard of ``count`` images."""
+    shard = torch.arange(count).tensor_split(dist.world_size)[dist.rank]
+    return (int(shard[0]), int(shard[-1]) + 1) if shard.numel() else (0, 0)
+
+
 class TestSet:
-    """The test split on the device, evaluated in batches; each torchrun rank takes one contiguous shard."""
+    """The test split on the device, evaluated in batches."""
 
     def __init__(self, split: Split, normalize: Normalizer, num_classes: int, batch_size: int,
                  device: torch.device, dist: DistInfo = DistInfo()):
@@ -24,32 +37,62 @@ class TestSet:
                         self.dist)
 
 
+class StreamTestSet:
+    """The test files, decoded by DataLoader workers at every evaluation (resize + centre crop for ImageNet)."""
+
+    def __init__(self, dataset, batch_size: int, num_workers: int, device: torch.device, dist: DistInfo = DistInfo()):
+        self.normalize = Normalizer(dataset.mean, dataset.std, device)
+        self.num_classes, self.device, self.dist, self.size = dataset.num_classes, device, dist, dataset.image_size
+        self.start, self.stop = shard_range(len(dataset.test), dist)
+        self.loader = loader(EvalImages(dataset.test, dataset.image_size, dataset.augment),
+                             eval_jobs(self.start, self.stop, batch_size), num_workers, device)
+
+    def evaluate(self, method: Method) -> Dict:
+        batches = ((self.normalize(images), labels) for _, images, labels in on_device(iter(self.loader), self.device))
+        probe = lambda: torch.zeros(1, 3, self.size, self.size, device=self.device)  # noqa: E731
+        return score(method, batches, self.stop - self.start, self.num_classes, self.dist, probe)
+
+
+def test_set(dataset, cfg, device: torch.device, dist: DistInfo = DistInfo()):
+    """The evaluation of ``dataset`` on its pipeline."""
+    if dataset.pipeline == "resident":
+        return TestSet(dataset.test, Normalizer(dataset.mean, dataset.std, device), dataset.num_classes,
+                       cfg.train.eval_batch_size, device, dist)
+    return StreamTestSet(dataset, cfg.train.eval_batch_size, workers(cfg.data, dist), device, dist)
+
+
 @torch.no_grad()
 def evaluate(method: Method, images_u8: torch.Tensor, labels: torch.Tensor, normalize: Normalizer,
              batch_size: int, num_classes: int, dist: DistInfo = DistInfo()) -> Dict:
-    """Accuracies in percent, {"top1": {model: %}, "count": n[, "top5": ...]}.
+    """Accuracies in percent of resident test images, {"top1": {model: %}, "count": n[, "top5": ...]}."""
+    start, stop = shard_range(labels.numel(), dist)
+    batches = ((normalize(images_u8[lo:min(lo + batch_size, stop)]), labels[lo:min(lo + batch_size, stop)])
+               for lo in range(start, stop, batch_size))
+    return score(method, batches, stop - start, num_classes, dist, lambda: normalize(images_u8[:1]))
 
-    Under torchrun the correct counts of the shards are summed, so every image
-    is counted exactly once.
-    """
+
+@torch.no_grad()
+def score(method: Method, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], count: int, num_classes: int,
+          dist: DistInfo, probe: Callable[[], torch.Tensor]) -> Dict:
+    """Sum the hits of this rank's ``count`` images over all ranks; ``probe()`` is any valid input (a rank
+    without test images still learns the model names, and joins the sums)."""
     was_training = method.training
     method.eval()
     k = 5 if num_classes > 10 else 1
-    shard = torch.arange(labels.numel()).tensor_split(dist.world_size)[dist.rank]
-    start, stop = (int(shard[0]), int(shard[-1]) + 1) if shard.numel() else (0, 0)
     names: List[str] = []
     counts: Optional[torch.Tensor] = None  # (models, 2): top-1 and top-k hits
-    for lo in range(start, stop, batch_size):
-        hi = min(lo + batch_size, stop)
-        outputs = method.evaluate_logits(normalize(images_u8[lo:hi]))
-        names = list(outputs)
-        hits = [hit_counts(logits, labels[lo:hi], k) for logits in outputs.values()]
-        counts = torch.stack(hits) if counts is None else counts + torch.stack(hits)
-    if not names:  # a rank without test images still learns the model names, and joins the sums
-        names = list(method.evaluate_logits(normalize(images_u8[:1])).keys())
+    device = None
+    for inputs, labels in batches:
+        outputs = method.evaluate_logits(inputs)
+        names, device = list(outputs), labels.device
+        hits = torch.stack([hit_counts(logits, labels, k) for logits in outputs.values()])
+        counts = hits if counts is None else counts + hits
+    if not names:
+        example = probe()
+        names, device = list(method.evaluate_logits(example).keys()), example.device
     if counts is None:
-        counts = torch.zeros(len(names), 2, dtype=torch.long, device=labels.device)
-    total = torch.tensor([stop - start], device=labels.device)
+        counts = torch.zeros(len(names), 2, dtype=torch.long, device=device)
+    total = torch.tensor([count], device=device)
     distributed.all_reduce_sum(counts)
     distributed.all_reduce_sum(total)
     method.train(was_training)

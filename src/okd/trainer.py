@@ -1,7 +1,8 @@
 """The training loop. It knows the ``Method`` contract, never a particular method.
 
-Data flows one way: the resident uint8 split -> ``BatchStream`` (per-epoch
-draws, crop/flip, normalise, this rank's slice) -> ``TrainStep`` (forward,
+Data flows one way: the dataset -> ``BatchStream`` (resident uint8 split:
+per-epoch draws, crop/flip, normalise, this rank's slice) or ``StreamBatches``
+(image files decoded and augmented in DataLoader workers) -> ``TrainStep`` (forward,
 loss = sum of the method's weighted terms, backward, optimizer,
 ``method.after_step``, ``LossMeter``; one CUDA graph with
 ``train.cuda_graphs``) -> per-epoch evaluation -> logger and
@@ -24,9 +25,11 @@ from . import distributed
 from .checkpointing import CheckpointPolicy
 from .config import Config
 from .cuda_graph import GraphedStep
-from .data import Batch, BatchStream, Dataset, Normalizer, derive_seed
+from .data import Batch, Dataset, derive_seed
+from .data.streaming import training_batches
 from .distributed import DistInfo
-from .evaluate import TestSet
+from .errors import DataError
+from .evaluate import test_set
 from .logger import METRICS_VERSION, Progress
 from .methods import Method
 from .run_state import LossMeter, RunState
@@ -40,11 +43,9 @@ class Trainer:
                  dist: DistInfo = DistInfo()):
         self.cfg, self.method, self.device, self.dist, self.log = cfg, method, device, dist, log
         self.optimization, self.state, self.checkpoints = optimization, state, checkpoints
-        normalize = Normalizer(dataset.mean, dataset.std, device)
-        d, t = cfg.data, cfg.train
-        self.stream = BatchStream(dataset.train, normalize, method.num_views, t.batch_size, d.pad, d.flip, cfg.seed,
-                                  device, t.channels_last, dist)
-        self.test = TestSet(dataset.test, normalize, dataset.num_classes, t.eval_batch_size, device, dist)
+        t = cfg.train
+        self.stream = training_batches(dataset, method.num_views, cfg, device, dist)
+        self.test = test_set(dataset, cfg, device, dist)
         self.meter = LossMeter(device)
         self.step = TrainStep(training_module(method, cfg, device, dist), method, optimization, self.meter, cfg,
                               device, log, dist)
@@ -73,13 +74,19 @@ class Trainer:
         progress = Progress(len(self.stream), f"epoch {epoch + 1}/{self.cfg.train.epochs}", self.cfg.train.log_every,
                             self.log, start=state.batch_in_epoch)
         clock = time.perf_counter()
-        for batch in self.stream.epoch(epoch, start=state.batch_in_epoch):
-            loss = self.run_step(batch, epoch)
-            state.step, state.batch_in_epoch = state.step + 1, batch.index + 1
-            images_done = min((batch.index + 1) * self.stream.batch_size, self.stream.num_images)
-            progress.update(images_done, float(loss) if progress.wants_loss() else None)
-            if self.sync_due(state, signals):
-                clock = self.sync_point(epoch, signals, clock, progress)
+        try:
+            for batch in self.stream.epoch(epoch, start=state.batch_in_epoch):
+                loss = self.run_step(batch, epoch)
+                state.step, state.batch_in_epoch = state.step + 1, batch.index + 1
+                images_done = min((batch.index + 1) * self.stream.batch_size, self.stream.num_images)
+                progress.update(images_done, float(loss) if progress.wants_loss() else None)
+                if self.sync_due(state, signals):
+                    clock = self.sync_point(epoch, signals, clock, progress)
+        except DataError as exc:  # an unreadable image on the streaming path: keep the epoch's progress
+            progress.close()
+            self.keep_progress(epoch, clock)
+            raise DataError(f"{exc}, then rerun the same command to continue from batch "
+                            f"{state.batch_in_epoch + 1} of epoch {epoch + 1}") from None
         # the epoch's end is always a sync point (under torchrun the last global batch may yield nothing here)
         clock = self.sync_point(epoch, signals, clock, progress, save_due=False)
         progress.close()
@@ -97,6 +104,14 @@ class Trainer:
             raise Interrupted(signals.received or signal.SIGTERM,
                               f"at epoch {epoch + 1}, batch {state.batch_in_epoch}/{len(self.stream)}")
         return clock
+
+    def keep_progress(self, epoch: int, clock: float) -> None:
+        """Checkpoint the steps done so far (checked first) before an error ends a single-process run.
+        Under torchrun the other ranks wait in a collective, so the last regular checkpoint stands."""
+        if self.dist.enabled or self.state.batch_in_epoch == 0:
+            return
+        self.step.check(self.state, epoch, False)
+        self.save_mid_epoch(clock)
 
     def run_step(self, batch: Batch, epoch: int) -> torch.Tensor:
         if self.graphed is not None:

@@ -1,17 +1,23 @@
-"""Datasets held as whole uint8 tensors: CIFAR pickles, ImageFolder trees, embedded digits.
+"""Datasets: what the splits hold and how they reach the training loop.
 
-Every loader returns a ``Dataset`` whose splits are ``uint8`` tensors of shape
-(N, 3, 32, 32) plus int64 labels, so augmentation can run batched on the
-training device (``okd.data.augment``). Nothing is decoded per epoch.
+A split is either resident (``Split``: one uint8 N x 3 x S x S tensor plus labels,
+augmented in batches on the training device by ``okd.data.augment``) or a list of
+image files (``FileSplit``), which ``load_dataset`` either decodes once into a resident
+split (cached on disk) or leaves to the streaming path (``okd.data.streaming``), by
+``data.pipeline``: ``auto`` keeps a dataset resident when its decoded splits take at
+most ``RESIDENT_LIMIT_BYTES`` and its recipe is ``crop_flip``, and streams it otherwise.
+CIFAR and the embedded digits are resident by nature; the image-folder layouts
+(``okd.data.folders``) can go either way.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,18 +25,21 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 from ..registry import Registry
+from .images import UnreadableImage, read_image, resize_square
 
 DATASETS = Registry("dataset", hint=f"a new dataset is a file in {Path(__file__).resolve().parent}/ whose loader "
                                     f"function has @DATASETS.register('{{name}}')")
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".webp", ".tif", ".tiff"}
+PIPELINES = ("auto", "resident", "stream")
+RESIDENT_LIMIT_BYTES = 4 << 30  # decoded train + test at most this: resident (Tiny-ImageNet: 1.4 GB)
+STATS_SAMPLE = 1000  # training images whose channel statistics normalise a streamed dataset without constants
 
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8, N x 3 x 32 x 32
+    images: torch.Tensor  # uint8, N x 3 x S x S
     labels: torch.Tensor  # int64, N
 
     def __len__(self) -> int:
@@ -38,13 +47,36 @@ class Split:
 
 
 @dataclass
+class FileSplit:
+    """Image files, decoded when used. Paths are one numpy bytes array relative to ``root``, not a
+    list of Python strings, so DataLoader workers forked from the main process share its pages."""
+    root: str
+    files: np.ndarray  # dtype S: os.fsencode(path relative to root)
+    labels: torch.Tensor  # int64, N
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, os.fsdecode(self.files[index]))
+
+    @classmethod
+    def build(cls, root: Union[str, Path], items: Sequence[Tuple[str, int]]) -> "FileSplit":
+        files = np.array([os.fsencode(rel) for rel, _ in items], dtype=np.bytes_)
+        return cls(str(root), files, torch.tensor([label for _, label in items], dtype=torch.int64))
+
+
+@dataclass
 class Dataset:
     name: str
-    train: Split
-    test: Split
+    train: Union[Split, FileSplit]
+    test: Union[Split, FileSplit]
     classes: List[str]
-    mean: Tuple[float, float, float]
-    std: Tuple[float, float, float]
+    mean: Optional[Tuple[float, float, float]]  # None: measured on the training images
+    std: Optional[Tuple[float, float, float]]
+    image_size: int = 32  # side of the square views the model sees
+    augment: str = "crop_flip"  # the training recipe, see okd.data.images
+    pipeline: str = "resident"  # resident | stream, decided by load_dataset
 
     @property
     def num_classes(self) -> int:
@@ -123,7 +155,7 @@ def load_cifar(name: str, root: Path, download: bool) -> Dataset:
 
     classes = list(_read_pickle(base / meta_file)[names_key])
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
-    return Dataset(name, read(train_files), read(test_files), classes, mean, std)
+    return Dataset(name, read(train_files), read(test_files), classes, mean, std, image_size=32)
 
 
 @DATASETS.register("cifar10")
@@ -134,101 +166,6 @@ def cifar10(cfg) -> Dataset:
 @DATASETS.register("cifar100")
 def cifar100(cfg) -> Dataset:
     return load_cifar("cifar100", default_root(cfg.root), cfg.download)
-
-
-# ---------------------------------------------------------------- ImageFolder (decoded once, cached)
-
-def _list_tree(split_dir: Path) -> Tuple[List[str], List[Tuple[Path, int]]]:
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise DataError(f"ImageFolder split '{split_dir}' has no class folders; expected '{split_dir}/<class>/<image>'")
-    items = []
-    for index, cls in enumerate(classes):
-        files = sorted(p for p in (split_dir / cls).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise DataError(f"ImageFolder class folder '{split_dir / cls}' holds no images; remove it or add images")
-        items += [(p, index) for p in files]
-    return classes, items
-
-
-def _decode(items, size: int) -> Split:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import Image
-
-    images = np.empty((len(items), size, size, 3), dtype=np.uint8)
-
-    def decode_one(i: int) -> None:
-        path = items[i][0]
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.BILINEAR)
-                images[i] = np.asarray(im)
-        except Exception as exc:
-            raise DataError(f"cannot decode image '{path}' ({type(exc).__name__}); remove or replace it") from None
-
-    # PIL releases the GIL while decoding, so threads use every core
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for _ in pool.map(decode_one, range(len(items)), chunksize=256):
-            pass
-    labels = torch.tensor([label for _, label in items], dtype=torch.int64)
-    return Split(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels)
-
-
-def _cache_path(root: Path, cache_dir: Optional[str], key: str) -> Path:
-    if cache_dir:
-        return Path(cache_dir).expanduser() / f"imagefolder-{key}.pt"
-    beside = root / ".okd_cache"
-    try:
-        beside.mkdir(exist_ok=True)
-        probe = beside / ".write_test"
-        probe.touch()
-        probe.unlink()
-        return beside / f"imagefolder-{key}.pt"
-    except OSError:  # read-only data (e.g. a shared mount): cache in the user's home
-        return Path.home() / ".cache" / "okd" / f"imagefolder-{key}.pt"
-
-
-@DATASETS.register("imagefolder")
-def imagefolder(cfg, size: int = 32) -> Dataset:
-    root = default_root(cfg.root)
-    train_dir, test_dir = root / "train", root / "test"
-    for d in (train_dir, test_dir):
-        if not d.is_dir():
-            raise DataError(f"ImageFolder split '{d}' not found; expected '{root}/train/<class>/*' and '{root}/test/<class>/*'")
-    train_classes, train_items = _list_tree(train_dir)
-    test_classes, test_items = _list_tree(test_dir)
-    if train_classes != test_classes:
-        only = sorted(set(train_classes) ^ set(test_classes))
-        raise DataError(f"ImageFolder train and test class folders differ (e.g. {only[:3]}) under '{root}'; make them match")
-    # The key changes whenever a file is added, removed, renamed or rewritten.
-    digest = hashlib.sha1(f"{root.resolve()}|{size}".encode())
-    for path, label in train_items + test_items:
-        st = path.stat()
-        digest.update(f"{path.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    cache = _cache_path(root, cfg.cache_dir, digest.hexdigest()[:16])
-    blob = None
-    if cache.is_file():
-        try:
-            blob = torch.load(cache, weights_only=True)
-            if not {"train", "test", "mean", "std"} <= set(blob):
-                raise KeyError("incomplete cache")
-        except Exception:
-            blob = None
-            cache.unlink(missing_ok=True)  # a broken or older cache is only a cache: rebuild it
-    if blob is None:
-        train, test = _decode(train_items, size), _decode(test_items, size)
-        mean, std = channel_stats(train.images)  # measured once, stored with the pixels
-        blob = {"train": (train.images, train.labels), "test": (test.images, test.labels),
-                "mean": mean, "std": std}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        torch.save(blob, tmp)
-        os.replace(tmp, cache)
-    return Dataset("imagefolder", Split(*blob["train"]), Split(*blob["test"]), train_classes,
-                   tuple(blob["mean"]), tuple(blob["std"]))
 
 
 # ---------------------------------------------------------------- embedded digits (no network)
@@ -260,21 +197,134 @@ def digits(cfg, test_fraction: float = 0.2) -> Dataset:
     return Dataset("digits", train, test, [str(c) for c in range(10)], mean, std)
 
 
-def subset(split: Split, size: Optional[int]) -> Split:
+def subset(split, size: Optional[int]):
     """A fixed random subset (RandomState(0), independent of the run's seed), in its original order."""
     if size is None or size >= len(split):
         return split
     keep = np.sort(np.random.RandomState(0).permutation(len(split))[:size])
+    if isinstance(split, FileSplit):
+        return FileSplit(split.root, split.files[keep], split.labels[torch.from_numpy(keep)])
     keep = torch.from_numpy(keep)
     return Split(split.images[keep], split.labels[keep])
 
 
 def load_dataset(cfg) -> Dataset:
+    """The dataset of ``cfg`` (a ``DataConfig``), with its size, recipe and pipeline decided."""
     dataset = DATASETS.get(cfg.name)(cfg)
+    if cfg.augment is not None:
+        dataset.augment = cfg.augment
+    if cfg.image_size is not None:
+        if isinstance(dataset.train, Split) and cfg.image_size != dataset.image_size:
+            raise DataError(f"{dataset.name} images are {dataset.image_size}x{dataset.image_size}; set "
+                            f"data.image_size=null (or {dataset.image_size}): only image-file datasets are resized")
+        dataset.image_size = cfg.image_size
     dataset.train = subset(dataset.train, cfg.train_subset)
     dataset.test = subset(dataset.test, cfg.test_subset)
+    dataset.pipeline = choose_pipeline(cfg.pipeline, dataset)
+    if dataset.pipeline == "resident" and isinstance(dataset.train, FileSplit):
+        decode_resident(dataset, cfg.cache_dir)
     if cfg.mean is not None:
         dataset.mean = tuple(cfg.mean)
     if cfg.std is not None:
         dataset.std = tuple(cfg.std)
+    if dataset.mean is None or dataset.std is None:
+        mean, std = sample_stats(dataset.train, dataset.image_size)
+        dataset.mean, dataset.std = dataset.mean or mean, dataset.std or std
     return dataset
+
+
+def choose_pipeline(asked: str, dataset: Dataset) -> str:
+    files = isinstance(dataset.train, FileSplit)
+    if not files:
+        if asked == "stream":
+            raise DataError(f"data.pipeline=stream needs an image-file dataset (imagefolder, tinyimagenet, "
+                            f"imagenet); {dataset.name} is held in memory: set data.pipeline=auto")
+        if dataset.augment != "crop_flip":
+            raise DataError(f"data.augment={dataset.augment} needs an image-file dataset on the streaming "
+                            f"path; {dataset.name} is resident: set data.augment=null")
+        return "resident"
+    if asked == "resident" and dataset.augment != "crop_flip":
+        raise DataError(f"data.augment={dataset.augment} crops the original images, which only the streaming "
+                        f"path keeps: set data.pipeline=stream (or auto)")
+    if asked != "auto":
+        return asked
+    decoded = (len(dataset.train) + len(dataset.test)) * 3 * dataset.image_size ** 2
+    return "resident" if dataset.augment == "crop_flip" and decoded <= RESIDENT_LIMIT_BYTES else "stream"
+
+
+# ---------------------------------------------------------------- image files decoded once (resident, cached)
+
+def _decode(split: FileSplit, size: int) -> Split:
+    images = np.empty((len(split), 3, size, size), dtype=np.uint8)
+
+    def decode_one(i: int) -> None:
+        try:
+            images[i] = resize_square(read_image(split.path(i)), size).numpy()
+        except UnreadableImage as exc:
+            raise DataError(str(exc)) from None
+
+    # torchvision's decoders release the GIL, so threads use every core
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for _ in pool.map(decode_one, range(len(split)), chunksize=256):
+            pass
+    return Split(torch.from_numpy(images), split.labels.clone())
+
+
+def _cache_path(root: Path, cache_dir: Optional[str], name: str) -> Path:
+    if cache_dir:
+        return Path(cache_dir).expanduser() / f"{name}.pt"
+    beside = root / ".okd_cache"
+    try:
+        beside.mkdir(exist_ok=True)
+        probe = beside / ".write_test"
+        probe.touch()
+        probe.unlink()
+        return beside / f"{name}.pt"
+    except OSError:  # read-only data (e.g. a shared mount): cache in the user's home
+        return Path.home() / ".cache" / "okd" / f"{name}.pt"
+
+
+def cache_key(dataset: Dataset) -> str:
+    """Changes whenever a file is added, removed, renamed or rewritten, or the size changes."""
+    digest = hashlib.sha1(f"v2|{dataset.name}|{dataset.image_size}|{dataset.mean}|{dataset.std}".encode())
+    for split in (dataset.train, dataset.test):
+        digest.update(f"{Path(split.root).resolve()}\n".encode())
+        for i in range(len(split)):
+            st = os.stat(split.path(i))
+            digest.update(split.files[i] + f"|{int(split.labels[i])}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def decode_resident(dataset: Dataset, cache_dir: Optional[str]) -> None:
+    """Replace the file splits by their pixels at ``image_size``, decoded once and cached on disk."""
+    try:
+        key = cache_key(dataset)
+    except OSError as exc:
+        raise DataError(f"cannot read '{exc.filename}' ({exc.strerror}); check the dataset folder") from None
+    cache = _cache_path(Path(dataset.train.root).parent, cache_dir, f"{dataset.name}-{key}")
+    blob = None
+    if cache.is_file():
+        try:
+            blob = torch.load(cache, weights_only=True)
+            if not {"train", "test", "mean", "std"} <= set(blob):
+                raise KeyError("incomplete cache")
+        except Exception:
+            blob = None
+            cache.unlink(missing_ok=True)  # a broken or older cache is only a cache: rebuild it
+    if blob is None:
+        train, test = _decode(dataset.train, dataset.image_size), _decode(dataset.test, dataset.image_size)
+        mean, std = channel_stats(train.images) if dataset.mean is None else (dataset.mean, dataset.std)
+        blob = {"train": (train.images, train.labels), "test": (test.images, test.labels), "mean": mean, "std": std}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        torch.save(blob, tmp)
+        os.replace(tmp, cache)
+    dataset.train, dataset.test = Split(*blob["train"]), Split(*blob["test"])
+    dataset.mean, dataset.std = tuple(blob["mean"]), tuple(blob["std"])
+
+
+def sample_stats(split, size: int) -> Tuple[tuple, tuple]:
+    """Channel mean/std of a fixed sample of up to STATS_SAMPLE training images at ``size``."""
+    if isinstance(split, Split):
+        return channel_stats(split.images)
+    return channel_stats(_decode(subset(split, STATS_SAMPLE), size).images)
