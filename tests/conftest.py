@@ -114,3 +114,52 @@ def random_batch(n_views, batch=4, classes=10, seed=1):
     g = torch.Generator().manual_seed(seed)
     views = [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(n_views)]
     return views, torch.randint(0, classes, (batch,), generator=g)
+
+
+def synthetic_image(height, width, seed):
+    """A smooth, JPEG-friendly uint8 H x W x 3 picture (gradients, stripes, some noise)."""
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    f = rng.uniform(0.02, 0.2, size=3)
+    base = np.stack([128 + 100 * np.sin(f[0] * x + seed), 128 + 100 * np.cos(f[1] * y),
+                     (x + y) * (255.0 / (height + width)) * (1 + f[2])], -1)
+    return (base + rng.randint(-12, 13, size=base.shape)).clip(0, 255).astype(np.uint8)
+
+
+def make_imagenet_tree(root, classes=("n01", "n02", "n03"), train_per_class=6, val_per_class=3, sizes=(64, 256)):
+    """root/train/<wnid>/*.JPEG and root/val/<wnid>/*.JPEG, each image of its own size in ``sizes``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for c, wnid in enumerate(classes):
+            folder = Path(root) / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(count):
+                h, w = rng.randint(sizes[0], sizes[1] + 1, size=2)
+                Image.fromarray(synthetic_image(h, w, 100 * c + i)).save(folder / f"{wnid}_{i}.JPEG", quality=90)
+    return Path(root)
+
+
+def make_tiny_tree(root, classes=("n01", "n02", "n03"), train_per_class=6, val_images=9, size=64):
+    """Tiny-ImageNet's official layout: train/<wnid>/images/, val/images/ + val_annotations.txt, wnids.txt."""
+    from PIL import Image
+
+    root = Path(root)
+    for c, wnid in enumerate(classes):
+        folder = root / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        for i in range(train_per_class):
+            Image.fromarray(synthetic_image(size, size, 100 * c + i)).save(folder / f"{wnid}_{i}.JPEG")
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
+    (root / "val" / "images").mkdir(parents=True)
+    lines = []
+    for i in range(val_images):
+        Image.fromarray(synthetic_image(size, size, 7 + i)).save(root / "val" / "images" / f"val_{i}.JPEG")
+        lines.append(f"val_{i}.JPEG\t{classes[i % len(classes)]}\t0\t0\t{size - 1}\t{size - 1}")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    (root / "wnids.txt").write_text("\n".join(classes) + "\n")
+    return root
