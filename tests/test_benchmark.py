@@ -34,3 +34,19 @@ def test_benchmark_reports_ratios_and_last_line(tmp_path):
     for v in train.values():
         assert v["tflop_per_s"] == pytest.approx(flops * v["median_img_per_s"] / 16 / 1e12)
     assert "GFLOP per batch of 16" in proc.stdout and "okd+auto on this device: precision" in proc.stdout
+
+
+def test_data_benchmark_compares_the_streaming_path_with_imagefolder(tmp_path):
+    out = tmp_path / "data.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/data_throughput.py"), "--images", "16",
+                           "--batch-size", "8", "--rounds", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("ratio_vs_reference=")
+    result = json.loads(out.read_text())
+    assert result["images"] == 16 and result["views"] == 3
+    for side in ("reference", "okd"):
+        r = result["results"][side]
+        assert len(r["rounds"]) == 2 and r["min"] <= r["median_img_per_s_per_core"] <= r["max"]
+    assert result["ratio"] == pytest.approx(result["results"]["okd"]["median_img_per_s_per_core"]
+                                            / result["results"]["reference"]["median_img_per_s_per_core"])

@@ -69,7 +69,7 @@ def test_imagefolder_resizes_other_sizes(tmp_path):
 
 
 @pytest.mark.parametrize("setup,fragment", [
-    ("missing", "an ImageFolder tree"),
+    ("missing", "imagefolder not found"),
     ("empty_class", "holds no images"),
     ("mismatch", "differ: 1 only in train"),
 ])

@@ -35,6 +35,12 @@ def require_dir(path: Path, expected: str) -> None:
         raise DataError(f"'{path}' not found; expected {expected}")
 
 
+def require_root(root: Path, name: str, expected: str) -> None:
+    if not root.is_dir():
+        raise DataError(f"{name} not found: '{root}' does not exist; expected {expected} there "
+                        f"(set data.root, $OKD_DATA or --data-root)")
+
+
 def list_class_tree(split_dir: Path, inner: str = "") -> Tuple[List[str], List[Tuple[str, int]]]:
     """Classes and (path relative to split_dir, label) of ``split_dir/<class>/<inner>/<image>``."""
     classes = class_folders(split_dir)
@@ -69,6 +75,7 @@ def imagefolder(cfg) -> Dataset:
     """``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``root/val/<class>/*``), any image size;
     views are ``data.image_size`` (default 32) and mean/std are measured on the training images."""
     root = default_root(cfg.root)
+    require_root(root, "imagefolder", "train/<class>/* and test/<class>/*")
     train_dir = root / "train"
     test_dir = root / "test" if (root / "test").is_dir() or not (root / "val").is_dir() else root / "val"
     for d in (train_dir, test_dir):
@@ -85,6 +92,7 @@ def imagenet(cfg) -> Dataset:
     """ILSVRC 2012 in its usual prepared layout: ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``
     (the validation images sorted into class folders). Streams RandomResizedCrop 224 views by default."""
     root = default_root(cfg.root)
+    require_root(root, "imagenet", "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")
     layout = f"'{root}/train/<wnid>/*.JPEG' and '{root}/val/<wnid>/*.JPEG' (ImageNet's prepared layout)"
     train_dir, val_dir = root / "train", root / "val"
     require_dir(train_dir, layout)
@@ -105,6 +113,7 @@ def tinyimagenet(cfg) -> Dataset:
     ``val/images/*.JPEG`` labelled by ``val/val_annotations.txt``; 64x64, 200 classes. The unlabelled
     ``test/`` folder is not used: ``val`` is the test split, as in the papers."""
     root = default_root(cfg.root)
+    require_root(root, "tinyimagenet", "the extracted tiny-imagenet-200.zip")
     if not (root / "train").is_dir() and (root / "tiny-imagenet-200").is_dir():
         root = root / "tiny-imagenet-200"  # the folder the zip extracts to
     layout = f"'{root}/train/<wnid>/images/*.JPEG' and '{root}/val/images/*.JPEG' (Tiny-ImageNet's layout)"
