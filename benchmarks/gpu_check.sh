@@ -5,10 +5,11 @@
 #   2. prints the throughput table of PCL ResNet-32 (every variant against the seed-style reference)
 #      and of ResNet-110, WRN-20-8 and DenseNet-40-12 (the device's defaults against the reference),
 #      with img/s and achieved TFLOP/s,
-#   3. trains PCL ResNet-32 on that CIFAR-10 copy with the paper's protocol (300 epochs, milestones
+#   3. measures the streaming (ImageNet) data path against ImageFolder + PIL on this machine's cores,
+#   4. trains PCL ResNet-32 on that CIFAR-10 copy with the paper's protocol (300 epochs, milestones
 #      150/225, ramp-up 80, EMA cap 0.999) when the measured speed says it fits the time left, else for
 #      as many epochs as fit with the schedule scaled (milestones at 50 % / 75 %, ramp-up 80/300 of the run),
-#   4. writes the run's record (python -m okd.results) and the benchmark JSON files under $OUT when it is
+#   5. writes the run's record (python -m okd.results) and the benchmark JSON files under $OUT when it is
 #      set (the device tool returns what is written there), else under results/.
 #
 #   bash benchmarks/gpu_check.sh                 # BUDGET_S=570 seconds in all
@@ -51,6 +52,11 @@ for model in $BENCH_MODELS; do
         --json "$dest/bench/bench_${model}.json" ${BENCH_ARGS:-} || echo "gpu_check: benchmark $model failed" >&2
     echo "gpu_check: benchmark $model done after $(elapsed) s"
 done
+
+workers=$(( $(nproc) > 2 ? $(nproc) - 1 : 1 ))
+python benchmarks/data_throughput.py --images 768 --rounds 2 --workers "$workers" \
+    --json "$dest/bench/data_throughput.json" || echo "gpu_check: data benchmark failed" >&2
+echo "gpu_check: data benchmark done after $(elapsed) s"
 
 read -r epochs protocol milestones rampup ema <<<"$(python - "$dest/bench/bench_$first.json" "$BUDGET_S" "$(elapsed)" "$N_TRAIN" <<'PY'
 import json, sys
