@@ -309,9 +309,7 @@ def kill_run(tmp_path, tree, name):
 
 
 def test_sigkill_mid_epoch_then_rerun_is_bitwise_equal_with_workers(tmp_path, imagenet_tree):
-    straight = kill_run(tmp_path, imagenet_tree, "straight")
-    out, _ = straight.communicate(timeout=300)
-    assert straight.returncode == 0, out[-2000:]
+    straight = kill_run(tmp_path, imagenet_tree, "straight")  # alongside the killed run: 2 cores, 1 thread each
     proc = kill_run(tmp_path, imagenet_tree, "killed")
     steps = 0
     for line in proc.stdout:
@@ -321,6 +319,8 @@ def test_sigkill_mid_epoch_then_rerun_is_bitwise_equal_with_workers(tmp_path, im
             break
     proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL
+    out, _ = straight.communicate(timeout=300)
+    assert straight.returncode == 0, out[-2000:]
     assert checkpoint.load(tmp_path / "killed" / "last.pt")["batch_in_epoch"] >= 1
     proc = kill_run(tmp_path, imagenet_tree, "killed")
     out, _ = proc.communicate(timeout=300)
