@@ -48,7 +48,6 @@ from okd.checkpointing import CheckpointPolicy  # noqa: E402
 from okd.config import config_from_dict  # noqa: E402
 from okd.devices import device_name, peak_tflops, resolve_auto  # noqa: E402
 from okd.data.datasets import Dataset, Split  # noqa: E402
-from okd.logger import NullLogger  # noqa: E402
 from okd.methods.pcl import PCL  # noqa: E402
 from okd.cli import build_run_method  # noqa: E402
 from okd.models import backbone_spec  # noqa: E402
@@ -58,9 +57,23 @@ from okd.trainer import Trainer  # noqa: E402
 
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 DEFAULT_FAST = {"cpu": "okd+auto", "cuda": "okd+auto"}
+# on CUDA every combination of fused views and batched branches, eager and as one graph: grouped
+# convolutions can be slower than separate ones in cuDNN, and whether batching still pays once the
+# step is a graph (no launch overhead left to save) is what the device defaults must be chosen from
 DEFAULT_VARIANTS = {"cpu": "okd,okd+cl,okd+cl+fused,okd+cl+batched,okd+cl+bf16",
-                    "cuda": "okd,okd+cl+bf16,okd+cl+fused+bf16,okd+cl+fused+batched+bf16,"
+                    "cuda": "okd,okd+cl+bf16,okd+cl+fused+bf16,okd+cl+batched+bf16,okd+cl+fused+batched+bf16,"
+                            "okd+cl+bf16+graphs,okd+cl+fused+bf16+graphs,okd+cl+batched+bf16+graphs,"
                             "okd+cl+fused+batched+bf16+graphs"}
+
+
+class Lines:
+    """A trainer log that keeps its lines (the graph's capture or fallback reason among them)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def info(self, line):
+        self.lines.append(line)
 
 
 # ---------------------------------------------------------------- reference (the seed's style)
@@ -168,7 +181,7 @@ def okd_trainer(variant, model, batch_size, images_u8, labels, device):
                       CIFAR100_MEAN, CIFAR100_STD)
     method = build_run_method(cfg, 100, device)  # the run's own builder: seed 0, the variant's settings
     trainer = Trainer(cfg, method, dataset, device, Optimization.build(cfg, method, device), RunState(),
-                      CheckpointPolicy(None), NullLogger())
+                      CheckpointPolicy(None), Lines())
     state = {"draws": trainer.stream.draws(0), "b": 0, "batches": n // batch_size}
     method.train()
     method.set_epoch(100)
@@ -184,6 +197,22 @@ def okd_trainer(variant, model, batch_size, images_u8, labels, device):
         return trainer.run_step(inputs(), 100)
 
     return step, inputs, trainer
+
+
+def graph_status(trainer):
+    """Whether the variant's step ran as a CUDA graph, and why not: None for a variant without graphs."""
+    graphed = trainer.graphed
+    if graphed is None:
+        return None
+    return {"captured": graphed.captured, "replays": graphed.replays, "replay_gap": graphed.replay_gap,
+            "off_reason": graphed.off_reason, "log": [line for line in trainer.log.lines if "cuda graphs" in line]}
+
+
+def equivalent_variant(name, variants, model, batch_size, device):
+    """A listed variant with the same resolved configuration as ``name`` (okd+auto is one of them on a GPU)."""
+    target = okd_config(name, model, batch_size, device).to_dict()
+    return next((v for v in variants if v != name and okd_config(v, model, batch_size, device).to_dict() == target),
+                None)
 
 
 def step_flops(trainer, inputs) -> float:
@@ -234,13 +263,18 @@ def print_table(title, summary):
     print(f"\n{title}")
     tflops = any("tflop_per_s" in s for s in summary.values())
     peaks = any(s.get("peak_fraction") is not None for s in summary.values())
-    print(f"{'variant':<40} {'median img/s':>13} {'min':>9} {'max':>9} {'x reference':>12}"
-          + (f" {'TFLOP/s':>8}" if tflops else "") + (f" {'% of peak':>10}" if peaks else ""))
+    memory = any(s.get("peak_memory_bytes") is not None for s in summary.values())
+    graphs = any(s.get("graph") is not None for s in summary.values())
+    print(f"{'variant':<42} {'median img/s':>13} {'min':>9} {'max':>9} {'x reference':>12}"
+          + (f" {'TFLOP/s':>8}" if tflops else "") + (f" {'% of peak':>10}" if peaks else "")
+          + (f" {'peak MiB':>9}" if memory else "") + (f" {'graph':>9}" if graphs else ""))
     for name, s in summary.items():
-        fraction = s.get("peak_fraction")
-        print(f"{name:<40} {s['median_img_per_s']:>13.1f} {s['min_img_per_s']:>9.1f} {s['max_img_per_s']:>9.1f} "
+        fraction, mem, graph = s.get("peak_fraction"), s.get("peak_memory_bytes"), s.get("graph")
+        print(f"{name:<42} {s['median_img_per_s']:>13.1f} {s['min_img_per_s']:>9.1f} {s['max_img_per_s']:>9.1f} "
               f"{s['ratio_to_reference']:>12.2f}" + (f" {s['tflop_per_s']:>8.3f}" if tflops else "")
-              + ((f" {100 * fraction:>9.1f}%" if fraction is not None else f" {'—':>10}") if peaks else ""))
+              + ((f" {100 * fraction:>9.1f}%" if fraction is not None else f" {'—':>10}") if peaks else "")
+              + ((f" {mem / 2**20:>9.0f}" if mem is not None else f" {'—':>9}") if memory else "")
+              + ((f" {('captured' if graph['captured'] else 'EAGER') if graph else '—':>9}") if graphs else ""))
 
 
 def main(argv=None):
@@ -259,13 +293,15 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also measure okd+cl+compile")
     p.add_argument("--fast", help="the variant whose ratio is the last line (default: per device)")
     p.add_argument("--images", type=int, default=0, help="synthetic training images (default: 32 batches)")
-    p.add_argument("--settle", type=float, default=1.0,
-                   help="idle seconds before timing each variant (lets the reference's workers finish prefetching)")
+    p.add_argument("--settle", type=float, default=None,
+                   help="idle seconds before timing each variant (lets the reference's workers finish prefetching; "
+                        "default 1 on CPU, where they compete for the cores, 0.25 on CUDA)")
     p.add_argument("--json", help="write all measurements here")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
+    settle = args.settle if args.settle is not None else (0.25 if device.type == "cuda" else 1.0)
     cores = os.cpu_count() or 1
     torch.set_num_threads(args.threads or cores)
     workers = args.workers or cores
@@ -273,7 +309,12 @@ def main(argv=None):
     variants += ["okd+cl+compile"] if args.compile else []
     fast = args.fast or DEFAULT_FAST[device.type]
     if fast not in variants:
-        variants.append(fast)
+        same = equivalent_variant(fast, variants, args.model, args.batch_size, device)
+        if same is not None:
+            print(f"{fast} on this device is {same}: measured once")
+            fast = same
+        else:
+            variants.append(fast)
     n = args.images or 32 * args.batch_size
     rng = np.random.default_rng(0)
     images_hwc = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
@@ -298,16 +339,29 @@ def main(argv=None):
     auto = okd_config("okd+auto", args.model, args.batch_size, device).train
     print(f"okd+auto on this device: precision {auto.precision}, channels_last {auto.channels_last}, "
           f"batched_branches {auto.batched_branches}, cuda_graphs {auto.cuda_graphs}")
-    # warm up (compilation, cuDNN autotuning, allocator, worker start-up)
+    # warm up (compilation, cuDNN autotuning, allocator, worker start-up); each variant's peak memory
+    # above what was allocated before its warm-up (its activations, or its graph's pool)
+    peak_bytes = {}
     for name, fn in list(steps.items()) + list(pipes.items()):
         graphed = name in trainers and trainers[name].graphed is not None
+        if device.type == "cuda" and name in steps and fn is steps[name]:
+            sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
         for _ in range(max(args.warmup, 5) if graphed else args.warmup):  # a graph is captured after 3 eager steps
             fn()
+        if device.type == "cuda" and name in steps and fn is steps[name]:
+            sync(device)
+            peak_bytes[name] = torch.cuda.max_memory_allocated(device) - base
     sync(device)
+    for name, trainer in trainers.items():
+        status = graph_status(trainer)
+        if status is not None and not status["captured"]:
+            print(f"warning: {name} runs eagerly, not as a graph: {status['off_reason']}")
 
     pipe = summarise(time_rounds({"reference": pipes["reference"], "okd": pipes["okd" if "okd" in pipes else fast]},
-                                 args.rounds, args.steps * 4, device, args.batch_size, settle=args.settle), "reference")
-    train = summarise(time_rounds(steps, args.rounds, args.steps, device, args.batch_size, settle=args.settle),
+                                 args.rounds, args.steps * 4, device, args.batch_size, settle=settle), "reference")
+    train = summarise(time_rounds(steps, args.rounds, args.steps, device, args.batch_size, settle=settle),
                       "reference")
     counted = next((t for v, t in trainers.items() if "graphs" not in v), None)
     flops = step_flops(counted, pipes[variants[0]]) if counted is not None else 0.0
@@ -316,20 +370,26 @@ def main(argv=None):
         precision = "fp32" if name == "reference" else trainers[name].cfg.train.precision
         peak = peak_tflops(device_name(device), precision)  # the variant's own precision's peak
         s["precision"], s["peak_fraction"] = precision, (s["tflop_per_s"] / peak if peak else None)
+        s["graph"] = graph_status(trainers[name]) if name in trainers else None
+        s["peak_memory_bytes"] = peak_bytes.get(name)
     print_table("data pipeline alone (3 augmented views per image)", pipe)
     print(f"  per core: reference uses {workers} worker process(es), okd {torch.get_num_threads()} thread(s) "
           f"of the training process")
     print_table("full training step incl. data (img/s)", train)
     speedup = train[fast]["ratio_to_reference"]
+    fastest = max((v for v in train if v != "reference"), key=lambda v: train[v]["median_img_per_s"])
     if args.json:
         Path(args.json).write_text(json.dumps({
             "model": args.model, "batch_size": args.batch_size, "device": str(device),
             "device_name": device_name(device), "torch": torch.__version__, "step_flops": flops,
             "threads": torch.get_num_threads(), "reference_workers": workers, "rounds": args.rounds,
-            "steps": args.steps, "fast_variant": fast, "data_pipeline": pipe, "train_step": train}, indent=1))
+            "steps": args.steps, "settle": settle, "fast_variant": fast, "fastest_variant": fastest,
+            "data_pipeline": pipe, "train_step": train}, indent=1))
     print(f"step: {flops / 1e9:.1f} GFLOP per batch of {args.batch_size} ({flops / args.batch_size / 1e9:.2f} GFLOP "
           f"per image, forward + backward + temporal-mean forwards)")
-    print(f"fast configuration: {fast}")
+    print(f"fast configuration: {fast}" + ("" if train[fast].get("graph") is None else
+          f" (graph {'captured' if train[fast]['graph']['captured'] else 'NOT captured: ' + str(train[fast]['graph']['off_reason'])})"))
+    print(f"fastest variant measured: {fastest} ({train[fastest]['ratio_to_reference']:.2f}x reference)")
     print(f"speedup_vs_reference={speedup:.2f}")
 
 

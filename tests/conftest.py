@@ -63,10 +63,11 @@ class ListLog:
 def pcl_train_step(**train):
     """(TrainStep, its log) of a tiny PCL on CPU, ready for its first step; ``train``: train.* settings."""
     from okd.config import config_from_dict
+    from okd.distributed import DistInfo
     from okd.methods.pcl import PCL
     from okd.models import backbone_spec
     from okd.run_state import LossMeter, RunState
-    from okd.step import Optimization, TrainStep
+    from okd.step import Optimization, TrainStep, training_module
 
     cfg = config_from_dict({"device": "cpu", "model": {"name": "resnet8_tiny"}, "method": {"name": "pcl"},
                             "train": {"precision": "fp32", "batch_size": 4, **train}})
@@ -74,7 +75,8 @@ def pcl_train_step(**train):
     method = PCL(backbone_spec("resnet8_tiny", 10), 10, cfg.method).train()
     device = torch.device("cpu")
     log = ListLog()
-    step = TrainStep(method, method, Optimization.build(cfg, method, device), LossMeter(device), cfg, device, log)
+    module = training_module(method, cfg, device, DistInfo())  # the method itself, or torch.compile's
+    step = TrainStep(module, method, Optimization.build(cfg, method, device), LossMeter(device), cfg, device, log)
     step.meter.load(RunState())
     step.start(RunState())
     method.set_epoch(0)

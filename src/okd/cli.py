@@ -202,7 +202,21 @@ def prepare_runtime(cfg: Config, dist: DistInfo) -> torch.device:
                           f"set train.cuda_graphs=null (automatic) or false")
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // local_procs))
+    if device.type == "cuda":
+        use_cuda_device(device)
     return device
+
+
+def use_cuda_device(device: torch.device) -> None:
+    """Make the run's GPU the current one and let cuDNN pick its fastest kernels.
+
+    Everything that uses the *current* device follows the run's: the capture stream of a
+    CUDA graph, the DataLoader's pin-memory thread, NCCL, cuBLAS handles. Without it a run
+    on cuda:1 (or torchrun rank 1) opens a context on GPU 0 and its graph records nothing.
+    Every full batch has one shape, so cuDNN's autotuner (``cudnn.benchmark``) pays once.
+    """
+    torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True
 
 
 def find_checkpoint(cfg: Config, args, resolved: Optional[Config] = None):

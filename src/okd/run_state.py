@@ -116,6 +116,10 @@ class LossMeter:
         self.sums.add_(torch.where(applied, values.double() * count, 0.0))
         self.images.add_(applied.double() * count)
 
+    def state_tensors(self) -> List[torch.Tensor]:
+        """The tensors ``add`` changes in place."""
+        return ([self.sums] if self.sums is not None else []) + [self.images]
+
     def totals(self) -> torch.Tensor:
         """[sum per name..., images] on the device, for one all-reduce."""
         sums = self.sums if self.sums is not None else self._initial(list(self.pending))

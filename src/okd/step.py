@@ -67,19 +67,41 @@ class Optimization:
         return optimization
 
     def prepare_state(self) -> None:
-        """Fused SGD with a device lr, and a zero momentum buffer for every parameter.
+        """Fused SGD with a device lr, and a momentum buffer in its parameter's memory layout.
 
         Zero buffers make the first step the same as SGD's (buf = grad, dampening 0)
         and let a skipped first step leave them valid: the fused kernel's own
         first-step buffers are uninitialised memory until a step is applied.
+        A loaded buffer whose strides differ from its parameter's (a run resumed with
+        the other ``train.channels_last``) is copied into the parameter's layout: the
+        fused kernel walks both as flat memory, so a mismatch silently mixes up the
+        elements on CPU (and raises on CUDA).
         """
         for group in self.optimizer.param_groups:
             group["fused"], group["foreach"] = True, None
             if group["momentum"] > 0:
                 for p in group["params"]:
                     state = self.optimizer.state[p]
-                    if state.get("momentum_buffer") is None:
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
                         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    elif buf.stride() != p.stride():
+                        state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(buf)
+
+    def state_tensors(self) -> List[torch.Tensor]:
+        """The tensors a step changes in place: momentum buffers and the fp16 scaler's scale and tracker."""
+        tensors = [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        if self.scaler.is_enabled() and getattr(self.scaler, "_scale", None) is not None:
+            tensors += [self.scaler._scale, self.scaler._growth_tracker]
+        return tensors
+
+    def reset_step_state(self) -> None:
+        """Forget a step interrupted half-way (a failed graph capture): the scaler's per-step stage
+        (UNSCALED after ``unscale_``) and the attributes the scaler or ``step`` hand the optimizer."""
+        if self.scaler.is_enabled():
+            self.scaler._per_optimizer_states.clear()  # a defaultdict: the next step starts READY
+        for name in ("found_inf", "grad_scale"):
+            self.optimizer.__dict__.pop(name, None)
 
     @property
     def lr(self) -> float:
@@ -194,6 +216,9 @@ class TrainStep:
 
     def __call__(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int) -> torch.Tensor:
         """Forward, backward, optimizer, temporal mean and loss sums; the loss, on the device."""
+        # the epoch's ramp-up weight is filled here, outside the module: torch.compile must not see
+        # the Python int (its guard would recompile every epoch), and a graph capture must not record it
+        self.method.set_epoch(epoch)
         with self.autocast():
             terms = self.module(views, labels, epoch)
         loss = total_loss(terms)
@@ -207,6 +232,16 @@ class TrainStep:
         self.meter.add(self.names, values, labels.numel(), skip)
         self.counter.add_(1)
         return loss.detach()
+
+    def state_tensors(self) -> Dict[str, List[torch.Tensor]]:
+        """Every tensor a step changes in place, by group (weights and temporal mean, BatchNorm
+        statistics, momentum and scaler, loss sums, counters): what a CUDA graph's check of one
+        replay saves and restores."""
+        health = [self.health.count, self.health.first_step]
+        health += [self.health.first_values] if self.health.first_values is not None else []
+        return {"parameters": list(self.method.parameters()), "buffers": list(self.method.buffers()),
+                "optimizer": self.opt.state_tensors(), "loss sums": self.meter.state_tensors(),
+                "counters": [self.counter, *health]}
 
     def check(self, state: RunState, epoch: int, stop_requested: bool) -> bool:
         """The sync point: apply the non-finite policy to the steps since the last one; any rank asked to stop."""

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import Dict
+from contextlib import nullcontext
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -40,7 +41,9 @@ from .step import Optimization, TrainStep, training_module, use_cuda_graphs
 class Trainer:
     def __init__(self, cfg: Config, method: Method, dataset: Dataset, device: torch.device,
                  optimization: Optimization, state: RunState, checkpoints: CheckpointPolicy, log,
-                 dist: DistInfo = DistInfo()):
+                 dist: DistInfo = DistInfo(), graphed_step: Optional[Callable] = None):
+        # graphed_step(train_step, device, log) -> a GraphedStep: the preflight passes one over a
+        # stand-in for torch.cuda on a CPU; by default a real one where train.cuda_graphs holds
         self.cfg, self.method, self.device, self.dist, self.log = cfg, method, device, dist, log
         self.optimization, self.state, self.checkpoints = optimization, state, checkpoints
         t = cfg.train
@@ -49,7 +52,9 @@ class Trainer:
         self.meter = LossMeter(device)
         self.step = TrainStep(training_module(method, cfg, device, dist), method, optimization, self.meter, cfg,
                               device, log, dist)
-        self.graphed = GraphedStep(self.step, device, log) if use_cuda_graphs(cfg, device, dist, log) else None
+        if graphed_step is None and use_cuda_graphs(cfg, device, dist, log):
+            graphed_step = GraphedStep
+        self.graphed = graphed_step(self.step, device, log) if graphed_step is not None else None
         # host reads of the device: every sync_every steps (and at checkpoints and epoch ends)
         self.sync_every = t.sync_every or (t.log_every if device.type == "cuda" else 1)
 
@@ -159,7 +164,8 @@ class Trainer:
         improved = False
         if state.epoch % self.cfg.train.eval_every == 0 or state.epoch == self.cfg.train.epochs:
             clock = time.perf_counter()
-            record["val"] = self.test.evaluate(self.method)
+            with self.graphed.memory() if self.graphed is not None else nullcontext():
+                record["val"] = self.test.evaluate(self.method)
             record["eval_seconds"] = time.perf_counter() - clock
             improved = state.update_summaries(self.method.summary_metrics(record["val"]["top1"]))
             record["summary"] = state.summary_record()

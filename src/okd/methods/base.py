@@ -188,7 +188,10 @@ class Method(nn.Module, metaclass=ABCMeta):
 
     def kd_scale(self, epoch: int) -> torch.Tensor:
         """``kd_weight(epoch)`` as a 0-dim device tensor: what ``forward_train`` multiplies its KD terms by."""
-        self.set_epoch(epoch)
+        if not torch.compiler.is_compiling():
+            # under torch.compile the trainer has filled it (TrainStep); comparing the Python int here
+            # would make Dynamo guard on it and recompile at every epoch
+            self.set_epoch(epoch)
         # a copy: a loss built earlier keeps the weight it was built with when set_epoch refills
         # the buffer (inside a CUDA graph the copy is a kernel that reads the current value)
         return self.kd_scale_value.clone()

@@ -1,0 +1,240 @@
+"""A stand-in for the parts of ``torch.cuda`` that ``GraphedStep`` uses, acting on CPU tensors.
+
+A real capture records kernels without running them and a replay reruns them on
+the graph's static input tensors. The stand-in does the same with Python: the
+capture runs the step and then puts back every piece of state the step changed
+(so it "executed nothing"), and a replay reruns the step on the static tensors and
+writes the loss into the captured output tensor. It also records what a capture
+was asked for (device, stream, ``capture_error_mode``, memory pool) and which eager
+work ran inside the graph's pool, and can play the faults that a GPU shows: a
+capture on the wrong device (the step runs eagerly, the graph is empty), a failure
+at ``capture_begin`` / inside the step / at ``capture_end``, a failure inside the
+fp16 scaler's ``step`` (after ``unscale_``), a step that synchronises, and an empty
+graph that does not warn. ``okd.preflight`` runs the graph checks through it on a
+CPU and the tests use it to check ``GraphedStep``'s order of work.
+
+Its state copy is its own (``state_dict`` deep copies), independent of
+``TrainStep.state_tensors``, which ``GraphedStep`` relies on.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from contextlib import contextmanager
+from typing import Dict, List, Optional
+
+import torch
+
+FAULTS = (None, "begin", "step", "end", "scaler", "empty_silent")
+
+
+class _Stream:
+    def __init__(self, index: int):
+        self.device_index = index
+
+    def wait_stream(self, other) -> None:
+        pass
+
+
+class StandInMemPool:
+    _ids = 0
+
+    def __init__(self):
+        StandInMemPool._ids += 1
+        self.id = (0, StandInMemPool._ids)
+
+
+class StandInGraph:
+    def __init__(self, cuda: "StandInCuda"):
+        self.cuda = cuda
+        self._replay = None
+
+    def capture_begin(self, pool=None, capture_error_mode: str = "global") -> None:
+        c = self.cuda
+        c.captures.append({"device": c.current_device, "stream": c.current_stream_obj,
+                           "capture_error_mode": capture_error_mode, "pool": pool})
+        if c.fault == "begin":
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        c.capturing = True
+        on_device = c.current_device == c.run_device_index
+        c.recorded = on_device and c.fault != "empty_silent"
+        c.saved = c.state() if on_device else None  # a capture on another device runs the step for real
+        if c.fault == "step":
+            c.arm_step_failure()
+        if c.fault == "scaler":
+            c.arm_scaler_failure()
+
+    def capture_end(self) -> None:
+        c = self.cuda
+        c.capturing = False
+        c.disarm()
+        if c.saved is not None:
+            c.restore(c.saved)  # a capture executes nothing
+            c.saved = None
+        if c.fault == "end":
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        if not c.recorded:
+            if c.fault != "empty_silent":
+                warnings.warn("The CUDA Graph is empty. This usually means that the graph was attempted to be "
+                              "captured on wrong device or stream.")
+            self._replay = lambda: None
+            return
+        graphed = c.graphed
+
+        def replay():
+            # a real replay runs no Python: the epoch is whatever the device-side weight holds
+            c.replays += 1
+            epoch = graphed.step.method.kd_scale_epoch
+            graphed.static_loss.copy_(graphed.step(graphed.static_views, graphed.static_labels, epoch))
+
+        self._replay = replay
+
+    def replay(self) -> None:
+        self._replay()
+
+
+class StandInCuda:
+    """``torch.cuda`` for ``GraphedStep`` on a CPU; ``graphed`` must be set to the GraphedStep it serves."""
+
+    def __init__(self, train_step, fault: Optional[str] = None, sync_warning: bool = False, run_device_index: int = 0,
+                 mem_pool: bool = True):
+        if fault not in FAULTS:
+            raise ValueError(f"fault must be one of {FAULTS}")
+        self.train_step, self.fault, self.sync_warning = train_step, fault, sync_warning
+        self.run_device_index = run_device_index
+        self.current_device = 0
+        self.current_stream_obj = _Stream(0)
+        self.captures: List[Dict] = []
+        self.replays = 0
+        self.capturing = False
+        self.recorded = False
+        self.saved = None
+        self.pool_entries = 0  # eager steps and evaluations run inside use_mem_pool
+        self.in_pool = False
+        self.graphed = None
+        self._undo = []
+        if mem_pool:
+            self.MemPool = StandInMemPool
+
+    # ---------------------------------------------------------------- torch.cuda's API
+    def Stream(self, device=None):  # noqa: N802 - torch's name
+        return _Stream(_index(device, self.current_device))
+
+    def current_stream(self, device=None):
+        return self.current_stream_obj
+
+    @contextmanager
+    def stream(self, s):
+        previous, self.current_stream_obj = self.current_stream_obj, s
+        try:
+            yield
+        finally:
+            self.current_stream_obj = previous
+
+    @contextmanager
+    def device(self, d):
+        previous, self.current_device = self.current_device, _index(d, self.current_device)
+        try:
+            yield
+        finally:
+            self.current_device = previous
+
+    def synchronize(self, device=None) -> None:
+        pass
+
+    def get_sync_debug_mode(self) -> int:
+        return 0
+
+    def set_sync_debug_mode(self, mode) -> None:
+        if mode == "warn" and self.sync_warning:
+            warnings.warn("called a synchronizing CUDA operation")
+
+    def get_rng_state(self, device=None):
+        return None  # the CPU generator is the one the step draws from here; GraphedStep saves it itself
+
+    def set_rng_state(self, state, device=None) -> None:
+        pass
+
+    def CUDAGraph(self):  # noqa: N802
+        return StandInGraph(self)
+
+    @contextmanager
+    def use_mem_pool(self, pool, device=None):
+        self.pool_entries += 1
+        self.in_pool = True
+        try:
+            yield
+        finally:
+            self.in_pool = False
+
+    # ---------------------------------------------------------------- the stand-in's own state copy
+    def state(self):
+        s, m = self.train_step, self.train_step.method
+        return [copy.deepcopy(m.state_dict()), copy.deepcopy(s.opt.optimizer.state_dict()),
+                copy.deepcopy(s.opt.scaler.state_dict()) if s.opt.scaler.is_enabled() else None,
+                s.meter.sums.clone(), s.meter.images.clone(), s.counter.clone(), s.health.count.clone(),
+                s.health.first_step.clone(), torch.get_rng_state()]
+
+    def restore(self, saved) -> None:
+        s, m = self.train_step, self.train_step.method
+        with torch.no_grad():
+            for k, v in m.state_dict().items():
+                v.copy_(saved[0][k])
+            params = [p for group in s.opt.optimizer.param_groups for p in group["params"]]
+            for index, state in saved[1]["state"].items():
+                for name, value in state.items():
+                    if torch.is_tensor(value):
+                        s.opt.optimizer.state[params[index]][name].copy_(value)
+            if saved[2] is not None:
+                s.opt.scaler._scale.fill_(saved[2]["scale"])
+                s.opt.scaler._growth_tracker.fill_(saved[2]["_growth_tracker"])
+            for tensor, value in zip([s.meter.sums, s.meter.images, s.counter, s.health.count, s.health.first_step],
+                                     saved[3:8]):
+                tensor.copy_(value)
+        torch.set_rng_state(saved[8])
+
+    # ---------------------------------------------------------------- faults inside the step
+    def arm_step_failure(self) -> None:
+        method = self.train_step.method
+
+        def failing(*args, **kwargs):
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+        method.forward_train = failing  # an instance attribute, removed by disarm
+
+    def arm_scaler_failure(self) -> None:
+        scaler = self.train_step.opt.scaler
+
+        def failing(optimizer, *args, **kwargs):
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+        scaler.step = failing
+        self._undo.append(lambda: scaler.__dict__.pop("step", None))
+
+    def disarm(self) -> None:
+        method = self.train_step.method
+        method.__dict__.pop("forward_train", None)
+        for undo in self._undo:
+            undo()
+        self._undo.clear()
+
+
+def _index(device, default: int) -> int:
+    if device is None:
+        return default
+    if isinstance(device, int):
+        return device
+    device = torch.device(device)
+    return device.index if device.index is not None else 0
+
+
+def standin_graphed_step(train_step, device, log, **kwargs):
+    """(GraphedStep over ``train_step`` with a stand-in ``torch.cuda``, the stand-in)."""
+    from .cuda_graph import GraphedStep
+
+    graph_kwargs = {k: kwargs.pop(k) for k in ("warmup", "tolerance") if k in kwargs}
+    kwargs.setdefault("run_device_index", _index(device, 0) if torch.device(device).type == "cuda" else 0)
+    cuda = StandInCuda(train_step, **kwargs)
+    graphed = GraphedStep(train_step, device, log, cuda=cuda, **graph_kwargs)
+    cuda.graphed = graphed
+    return graphed, cuda

@@ -1,0 +1,152 @@
+"""The CUDA path's defects that a CPU can show: the current device, cuDNN's autotuner, momentum
+buffers in another memory layout than their parameters, torch.compile's recompiles, and evaluation
+in the run's precision and memory format."""
+import functools
+
+import pytest
+import torch
+
+from conftest import QUICKSTART, pcl_train_step, random_batch
+from okd import checkpoint, cli
+from okd.cli import main, prepare_runtime
+from okd.config import config_from_dict
+from okd.distributed import DistInfo
+from okd.evaluate import Inference, score
+from okd.step import Optimization
+
+QUICK = ["--config", QUICKSTART, "device=cpu", "data.train_subset=192", "train.batch_size=64"]
+
+
+@pytest.fixture
+def two_fake_gpus(monkeypatch):
+    """torch.cuda says two GPUs exist; ``set_device`` calls are recorded, cuDNN's flag restored."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(torch.device(d)))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    return calls
+
+
+def test_a_run_on_cuda_1_makes_it_the_current_device_and_turns_on_cudnn_autotuning(two_fake_gpus):
+    device = prepare_runtime(config_from_dict({"device": "cuda:1"}), DistInfo())
+    assert device == torch.device("cuda", 1) and two_fake_gpus == [torch.device("cuda", 1)]
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_each_torchrun_process_makes_its_own_gpu_current(two_fake_gpus):
+    device = prepare_runtime(config_from_dict({"device": "cuda"}), DistInfo(rank=1, world_size=2, local_rank=1))
+    assert device == torch.device("cuda", 1) and two_fake_gpus == [torch.device("cuda", 1)]
+
+
+def test_a_cpu_run_touches_no_cuda_state(two_fake_gpus):
+    prepare_runtime(config_from_dict({"device": "cpu"}), DistInfo())
+    assert two_fake_gpus == [] and torch.backends.cudnn.benchmark is False
+
+
+def conv_step(momentum_layout):
+    """One fused-SGD step of a channels_last conv weight from a given momentum buffer layout."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3).to(memory_format=torch.channels_last)
+    method = torch.nn.Module()
+    method.conv = conv
+    method.parameter_groups = lambda: [{"params": [conv.weight]}]
+    cfg = config_from_dict({"device": "cpu", "optim": {"lr": 0.1, "nesterov": False, "weight_decay": 0.0}})
+    optimization = Optimization.build(cfg, method, torch.device("cpu"))
+    buffer = torch.randn(16, 8, 3, 3).contiguous(memory_format=momentum_layout)
+    blob = optimization.state_dict()
+    blob["optimizer"]["state"][0]["momentum_buffer"] = buffer.clone()
+    optimization.load_state_dict(blob)  # as a resume does
+    conv.weight.grad = torch.randn(16, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    expected = conv.weight.detach() - 0.1 * (0.9 * buffer + conv.weight.grad)  # SGD with momentum, by hand
+    optimization.step(torch.zeros(()))
+    return conv.weight.detach(), expected, optimization.optimizer.state[conv.weight]["momentum_buffer"]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_a_loaded_momentum_buffer_in_another_layout_updates_like_sgd(layout):
+    weight, expected, buffer = conv_step(layout)
+    assert buffer.stride() == weight.stride()
+    torch.testing.assert_close(weight, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_resume_that_toggles_channels_last_continues_as_a_run_that_never_toggled(tmp_path):
+    """One step per epoch: the resumed step is the first to read a loaded momentum buffer. A buffer
+    left in the other layout moves weights by ~3e-3 here; channels_last's own rounding (a ReLU mask
+    that flips at a kink) by ~4e-5 (AMD EPYC, torch 2.14.1)."""
+    run = ["--config", QUICKSTART, "device=cpu", "data.train_subset=128", "train.batch_size=128", "train.epochs=2",
+           "schedule.milestones=[]", f"output.root={tmp_path}"]
+    assert main([*run, "train.channels_last=false", "--save_dir", "straight"]) == 0
+    assert main([*run, "train.epochs=1", "train.channels_last=false", "--save_dir", "toggled"]) == 0
+    assert main([*run, "train.channels_last=true", "--save_dir", "toggled"]) == 0
+    straight = checkpoint.load(tmp_path / "straight" / "last.pt")["method_state"]
+    toggled = checkpoint.load(tmp_path / "toggled" / "last.pt")["method_state"]
+    for k in straight:
+        torch.testing.assert_close(toggled[k].float(), straight[k].float(), rtol=0, atol=3e-4, msg=k)
+
+
+def test_compiled_step_is_compiled_once_across_epochs(monkeypatch):
+    """Dynamo would guard on the Python epoch and recompile at every epoch, then give up on compiling."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
+    step, _ = pcl_train_step(compile=True)
+    views, labels = random_batch(3, batch=4)
+    weights = []
+    for epoch in (0, 1, 5, 30):
+        step(views, labels, epoch)
+        weights.append(float(step.method.kd_scale_value))
+    torch._dynamo.reset()
+    assert len(graphs) == 1
+    assert weights == pytest.approx([step.method.kd_weight(e) for e in (0, 1, 5, 30)], rel=1e-6)
+    assert weights[0] < weights[1] < weights[2]
+
+
+class Recorder(torch.nn.Module):
+    """A method whose logits are its inputs' first pixels, recording how they arrive."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def evaluate_logits(self, images):
+        self.seen.append((images.is_contiguous(memory_format=torch.channels_last), torch.is_autocast_enabled("cpu"),
+                          torch.get_autocast_dtype("cpu")))
+        logits = images[:, 0, 0, :]  # (B, W): class c scores pixel (0, 0, c)
+        return {"m": logits @ torch.eye(logits.shape[1], dtype=logits.dtype)}
+
+
+def test_evaluation_takes_the_runs_memory_format_and_precision():
+    images = torch.zeros(4, 3, 2, 5)
+    labels = torch.tensor([0, 1, 2, 3])
+    images[torch.arange(4), 0, 0, torch.tensor([0, 1, 2, 4])] = 1.0  # the 4th image predicts class 4: wrong
+    method = Recorder()
+    inference = Inference(torch.device("cpu"), "bf16", channels_last=True)
+    result = score(method, [(images[:2], labels[:2]), (images[2:], labels[2:])], 4, 5, DistInfo(),
+                   lambda: images[:1], inference)
+    assert result["top1"]["m"] == 75.0
+    assert method.seen == [(True, True, torch.bfloat16)] * 2
+    cfg = config_from_dict({"train": {"precision": "fp32", "channels_last": False}})
+    plain = Recorder()
+    score(plain, [(images, labels)], 4, 5, DistInfo(), lambda: images[:1], Inference.of(cfg, torch.device("cpu")))
+    assert plain.seen[0][:2] == (False, False)
+
+
+def test_the_cli_evaluates_a_channels_last_run_with_channels_last_inputs(tmp_path, monkeypatch):
+    seen = []
+    real = Inference.__call__
+
+    def spy(self, method, images):
+        seen.append(images.contiguous(memory_format=self.memory_format).is_contiguous(
+            memory_format=torch.channels_last) and self.memory_format == torch.channels_last)
+        return real(self, method, images)
+
+    monkeypatch.setattr(Inference, "__call__", spy)
+    assert cli.main([*QUICK, "train.epochs=1", "schedule.milestones=[]", "train.channels_last=true",
+                     f"output.root={tmp_path}"]) == 0
+    assert seen and all(seen)
