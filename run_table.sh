@@ -11,11 +11,12 @@
 #   GPUS="0 1" METHODS="dml pcl" BACKBONES=resnet32 ./run_table.sh cifar10 0 train.epochs=10 'schedule.milestones=[5,8]'
 #   ESTIMATE_ONLY=1 ./run_table.sh cifar100 "0 1 2"      # only the estimate
 #
-# Extra arguments are passed to every run (flags or key=value overrides). Runs go to
+# PYTHON names the interpreter (default python3). Extra arguments are passed to every run (flags or key=value overrides). Runs go to
 # runs/<dataset>_<backbone>_<method>_seed<seed>/ (under output.root if you pass one); each
 # cell's output is in its run directory's log.txt, and the console shows one line per cell.
 set -uo pipefail
 cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}  # the interpreter of every step (e.g. a venv's, without activating it)
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 if [ $# -lt 1 ]; then
     echo "usage: $0 DATASET [SEEDS] [extra args...]   e.g. $0 cifar100 \"0 1 2\"" >&2
@@ -31,11 +32,11 @@ if [ ! -f "$config" ]; then
 fi
 methods=${METHODS:-vanilla dml cl one ffl okddip kdcl pcl}
 backbones=${BACKBONES:-resnet32 resnet110 vgg16 densenet40_12 wrn20_8}
-gpus=${GPUS-$(python -c "import torch; print(' '.join(map(str, range(torch.cuda.device_count()))))")}
+gpus=${GPUS-$($PYTHON -c "import torch; print(' '.join(map(str, range(torch.cuda.device_count()))))")}
 overrides=()
 for arg in "$@"; do case $arg in *=*) overrides+=("$arg");; esac; done
 
-python -m okd.plan --config "$config" --name "$dataset" --seeds "$seeds" --methods "$methods" --backbones "$backbones" \
+$PYTHON -m okd.plan --config "$config" --name "$dataset" --seeds "$seeds" --methods "$methods" --backbones "$backbones" \
     --gpus "$(echo ${gpus:-cpu} | wc -w)" --measure "${overrides[@]}" || true
 [ -n "${ESTIMATE_ONLY:-}" ] && exit 0
 
@@ -48,7 +49,7 @@ echo 0 > "$queue/next"
 total=$(wc -l < "$queue/cells")
 
 next_cell() {  # the next line of the queue, under a lock shared by all workers; empty when done
-    python - "$queue" <<'PY'
+    $PYTHON - "$queue" <<'PY'
 import fcntl, pathlib, sys
 queue = pathlib.Path(sys.argv[1])
 with open(queue / "lock", "w") as lock:
@@ -70,7 +71,7 @@ worker() {  # $1: a GPU index, or "cpu"; the rest: arguments of every run
         name="${dataset}_${backbone}_${method}_seed${seed}"
         echo "[$where] start $name"
         if [ "$where" = cpu ]; then visible=""; else visible=$where; fi
-        if CUDA_VISIBLE_DEVICES=$visible python main.py --config "$config" --model "$backbone" --method "$method" \
+        if CUDA_VISIBLE_DEVICES=$visible $PYTHON main.py --config "$config" --model "$backbone" --method "$method" \
                 --seed "$seed" --save_dir "$name" "$@" > "$queue/$name.out" 2>&1; then
             echo "[$where] done  $name: $(grep -h '^.*final |' "$queue/$name.out" | tail -1 | sed 's/.*final | //')"
         else
@@ -88,7 +89,7 @@ wait
 
 root=runs
 for arg in "$@"; do case $arg in output.root=*) root=${arg#output.root=};; esac; done
-python -m okd.report "$root" || true
+$PYTHON -m okd.report "$root" || true
 if [ -s "$queue/failed" ]; then
     echo "run_table.sh: $(wc -l < "$queue/failed") cell(s) failed: $(tr '\n' ' ' < "$queue/failed")" >&2
     exit 1

@@ -48,6 +48,7 @@ from okd.checkpointing import CheckpointPolicy  # noqa: E402
 from okd.config import config_from_dict  # noqa: E402
 from okd.devices import device_name, peak_tflops, resolve_auto  # noqa: E402
 from okd.data.datasets import Dataset, Split  # noqa: E402
+from okd.logger import MemoryLogger  # noqa: E402
 from okd.methods.pcl import PCL  # noqa: E402
 from okd.cli import build_run_method  # noqa: E402
 from okd.models import backbone_spec  # noqa: E402
@@ -64,16 +65,6 @@ DEFAULT_VARIANTS = {"cpu": "okd,okd+cl,okd+cl+fused,okd+cl+batched,okd+cl+bf16",
                     "cuda": "okd,okd+cl+bf16,okd+cl+fused+bf16,okd+cl+batched+bf16,okd+cl+fused+batched+bf16,"
                             "okd+cl+bf16+graphs,okd+cl+fused+bf16+graphs,okd+cl+batched+bf16+graphs,"
                             "okd+cl+fused+batched+bf16+graphs"}
-
-
-class Lines:
-    """A trainer log that keeps its lines (the graph's capture or fallback reason among them)."""
-
-    def __init__(self):
-        self.lines = []
-
-    def info(self, line):
-        self.lines.append(line)
 
 
 # ---------------------------------------------------------------- reference (the seed's style)
@@ -181,7 +172,7 @@ def okd_trainer(variant, model, batch_size, images_u8, labels, device):
                       CIFAR100_MEAN, CIFAR100_STD)
     method = build_run_method(cfg, 100, device)  # the run's own builder: seed 0, the variant's settings
     trainer = Trainer(cfg, method, dataset, device, Optimization.build(cfg, method, device), RunState(),
-                      CheckpointPolicy(None), Lines())
+                      CheckpointPolicy(None), MemoryLogger())  # keeps the graph's capture line
     state = {"draws": trainer.stream.draws(0), "b": 0, "batches": n // batch_size}
     method.train()
     method.set_epoch(100)
@@ -201,11 +192,14 @@ def okd_trainer(variant, model, batch_size, images_u8, labels, device):
 
 def graph_status(trainer):
     """Whether the variant's step ran as a CUDA graph, and why not: None for a variant without graphs."""
-    graphed = trainer.graphed
-    if graphed is None:
+    if not trainer.cfg.train.cuda_graphs:
         return None
+    graphed, log = trainer.graphed, [line for line in trainer.log.lines if "cuda graphs" in line]
+    if graphed is None:  # asked for, but the trainer did not build one (no CUDA device, torchrun)
+        return {"captured": False, "replays": 0, "replay_gap": None,
+                "off_reason": f"not used on {trainer.device.type}", "log": log}
     return {"captured": graphed.captured, "replays": graphed.replays, "replay_gap": graphed.replay_gap,
-            "off_reason": graphed.off_reason, "log": [line for line in trainer.log.lines if "cuda graphs" in line]}
+            "off_reason": graphed.off_reason, "log": log}
 
 
 def equivalent_variant(name, variants, model, batch_size, device):

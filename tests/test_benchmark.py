@@ -34,6 +34,27 @@ def test_benchmark_reports_ratios_and_last_line(tmp_path):
     for v in train.values():
         assert v["tflop_per_s"] == pytest.approx(flops * v["median_img_per_s"] / 16 / 1e12)
     assert "GFLOP per batch of 16" in proc.stdout and "okd+auto on this device: precision" in proc.stdout
+    assert train["okd"]["graph"] is None and train["okd"]["peak_memory_bytes"] is None  # no graph, no CUDA memory
+    assert result["fastest_variant"] in ("okd", "okd+fused+batched")
+
+
+def test_benchmark_says_whether_each_variant_ran_as_a_graph_and_measures_auto_once(tmp_path):
+    """A variant that asked for graphs but ran eagerly must not pass for the speed of graphs; okd+auto
+    is measured once when it resolves to a listed variant (on a CPU: channels_last, fp32)."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/throughput.py"), "--model", "resnet8_tiny", "--batch-size", "16",
+         "--rounds", "1", "--steps", "1", "--warmup", "1", "--workers", "1", "--threads", "1",
+         "--variants", "okd+cl,okd+graphs", "--images", "32", "--settle", "0", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["train_step"]) == {"reference", "okd+cl", "okd+graphs"} and result["fast_variant"] == "okd+cl"
+    assert "okd+auto on this device is okd+cl: measured once" in proc.stdout
+    graph = result["train_step"]["okd+graphs"]["graph"]
+    assert graph["captured"] is False and graph["off_reason"] == "not used on cpu"
+    assert "warning: okd+graphs runs eagerly, not as a graph: not used on cpu" in proc.stdout
+    assert "EAGER" in proc.stdout  # the table's graph column
 
 
 def test_data_benchmark_compares_the_streaming_path_with_imagefolder(tmp_path):

@@ -92,12 +92,21 @@ def test_the_partial_batch_runs_inside_the_graphs_memory_pool_once_there_is_a_gr
     with graphed.memory():  # what the trainer wraps evaluation in
         pass
     assert graphed.captured and cuda.pool_entries == 2
+    assert all(stream is graphed.side for stream in cuda.pool_streams)  # the pool's blocks are the side stream's
+    assert cuda.current_stream_obj is not graphed.side
 
 
 def test_without_mempool_in_torch_eager_work_allocates_beside_the_graph():
     step, graphed, cuda, _, _ = run_graphed(mem_pool=False)
     assert graphed.captured and graphed.pool is None and cuda.pool_entries == 0
     assert cuda.captures[0]["pool"] is None
+
+
+def test_a_torch_whose_graphs_take_no_mempool_still_captures_with_the_graphs_own_pool():
+    step, graphed, cuda, log, losses = run_graphed(refuse_mem_pool=True)
+    assert graphed.captured and graphed.pool is None and cuda.captures[-1]["pool"] is None
+    assert cuda.pool_entries == 0 and losses == run_eager()[1]
+    assert any(line.startswith("cuda graphs: cannot capture into a MemPool (RuntimeError: ") for line in log.lines)
 
 
 @pytest.mark.parametrize("fault, reason", [

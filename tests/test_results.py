@@ -70,8 +70,31 @@ def test_an_unfinished_run_is_not_recorded(finished_run, tmp_path, capsys):
     assert results_main(["record", str(tmp_path / "half"), "--protocol", "paper", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"okd-results: error: run '{tmp_path / 'half'}' has finished 0 of 1 epochs; record finished "
-                   f"runs only"]
+                   f"runs only (or pass --unfinished)"]
     assert not list(tmp_path.glob("*.json"))
+    # with --unfinished: nothing finished yet is still nothing to record
+    assert results_main(["record", str(tmp_path / "half"), "--protocol", "scaled", "--unfinished"]) == 2
+    assert "has not finished an epoch yet" in capsys.readouterr().err
+
+
+def test_a_run_stopped_early_is_recorded_as_unfinished_when_asked(finished_run, tmp_path, capsys):
+    """What the GPU check keeps when its time limit stops a run: the epochs it finished."""
+    from okd import checkpoint
+
+    blob = checkpoint.load(finished_run / "last.pt")
+    (tmp_path / "stopped").mkdir()
+    planned = {**blob["config"], "train": {**blob["config"]["train"], "epochs": 4}}
+    checkpoint.save_atomic({**blob, "config": planned}, tmp_path / "stopped" / "last.pt")
+    (tmp_path / "stopped" / "metrics.jsonl").write_text((finished_run / "metrics.jsonl").read_text())
+    assert results_main(["record", str(tmp_path / "stopped"), "--protocol", "scaled", "--unfinished",
+                         "--out", str(tmp_path / "out")]) == 0
+    (path,) = (tmp_path / "out").iterdir()
+    record = json.loads(path.read_text())
+    assert path.name == "digits_resnet8_tiny_pcl_1of4ep_scaled_seed0.json"
+    assert record["finished"] is False and (record["epochs_done"], record["epochs"]) == (1, 4)
+    assert "1 of 4 epochs (scaled)" in capsys.readouterr().out
+    assert report_main([str(tmp_path / "out")]) == 0
+    assert "| 1 of 4, stopped (scaled) |" in capsys.readouterr().out
 
 
 def test_report_prints_records_beside_the_paper(tmp_path, capsys):
@@ -110,7 +133,8 @@ def test_plan_schedules_longest_first_and_reads_speed_from_runs(finished_run):
 
 def test_run_table_spreads_cells_over_parallel_workers(tmp_path):
     """Two workers take cells from one queue (a rerun skipping finished cells is tested in test_cli.py)."""
-    env = {**os.environ, "GPUS": "cpu cpu", "METHODS": "pcl dml", "BACKBONES": "resnet8_tiny"}
+    # PYTHON: this interpreter, which need not be the first python on PATH (a venv not activated)
+    env = {**os.environ, "GPUS": "cpu cpu", "METHODS": "pcl dml", "BACKBONES": "resnet8_tiny", "PYTHON": sys.executable}
     args = ["bash", str(REPO / "run_table.sh"), "quickstart", "0", "device=cpu", "data.train_subset=128",
             "train.batch_size=64", "train.epochs=1", "schedule.milestones=[]", f"output.root={tmp_path}"]
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)

@@ -138,8 +138,23 @@ class GraphedStep:
 
     @contextlib.contextmanager
     def memory(self):
-        """Eager work (partial batches, evaluation) allocates from the graph's pool once there is a graph."""
-        if self.graph is None or self.pool is None or not self.pool_for_eager:
+        """Eager work once there is a graph (partial batches, evaluation): on the capture's side stream and
+        allocating from the graph's pool, whose free blocks belong to that stream, so that it reuses the
+        step's activation memory instead of reserving its own beside it."""
+        if self.graph is None:
+            yield
+            return
+        current = self.cuda.current_stream(self.device)
+        self.side.wait_stream(current)
+        try:
+            with self.cuda.stream(self.side), self.pool_allocation():
+                yield
+        finally:
+            current.wait_stream(self.side)
+
+    @contextlib.contextmanager
+    def pool_allocation(self):
+        if self.pool is None or not self.pool_for_eager:
             yield
             return
         try:
@@ -230,11 +245,10 @@ class GraphedStep:
                 self.pool = cuda.MemPool()
         graph = cuda.CUDAGraph()
         cuda.synchronize(self.device)
-        pool = {"pool": self.pool.id} if self.pool is not None else {}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with cuda.device(self.device), cuda.stream(self.side):
-                graph.capture_begin(capture_error_mode="thread_local", **pool)
+                self.begin(graph)
                 try:
                     self.static_loss = self.step(self.static_views, self.static_labels, epoch)
                 except BaseException:
@@ -248,6 +262,18 @@ class GraphedStep:
         for w in caught:  # anything else the capture warned about still reaches the user
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return graph
+
+    def begin(self, graph) -> None:
+        """``capture_begin`` into our MemPool; a torch that refuses one gets the graph's own pool."""
+        if self.pool is not None:
+            try:
+                graph.capture_begin(pool=self.pool.id, capture_error_mode="thread_local")
+                return
+            except Exception as exc:  # noqa: BLE001 - only the memory sharing is lost
+                self.pool, self.pool_for_eager = None, False
+                self.log.info(f"cuda graphs: cannot capture into a MemPool ({type(exc).__name__}: {first_line(exc)}); "
+                              f"the graph keeps its own memory and eager work allocates beside it")
+        graph.capture_begin(capture_error_mode="thread_local")
 
     def restore(self, before: StepSnapshot, tensors: Sequence[torch.Tensor]) -> None:
         """Put back what a step (or a half-made capture) changed, device tensors and Python state."""

@@ -51,6 +51,8 @@ class StandInGraph:
 
     def capture_begin(self, pool=None, capture_error_mode: str = "global") -> None:
         c = self.cuda
+        if pool is not None and c.refuse_mem_pool:
+            raise RuntimeError("CUDA graphs cannot use a user-created MemPool here")
         c.captures.append({"device": c.current_device, "stream": c.current_stream_obj,
                            "capture_error_mode": capture_error_mode, "pool": pool})
         if c.fault == "begin":
@@ -97,11 +99,12 @@ class StandInCuda:
     """``torch.cuda`` for ``GraphedStep`` on a CPU; ``graphed`` must be set to the GraphedStep it serves."""
 
     def __init__(self, train_step, fault: Optional[str] = None, sync_warning: bool = False, run_device_index: int = 0,
-                 mem_pool: bool = True):
+                 mem_pool: bool = True, refuse_mem_pool: bool = False):
         if fault not in FAULTS:
             raise ValueError(f"fault must be one of {FAULTS}")
         self.train_step, self.fault, self.sync_warning = train_step, fault, sync_warning
         self.run_device_index = run_device_index
+        self.refuse_mem_pool = refuse_mem_pool  # an older torch whose graphs take no user MemPool
         self.current_device = 0
         self.current_stream_obj = _Stream(0)
         self.captures: List[Dict] = []
@@ -110,6 +113,7 @@ class StandInCuda:
         self.recorded = False
         self.saved = None
         self.pool_entries = 0  # eager steps and evaluations run inside use_mem_pool
+        self.pool_streams: List = []  # the current stream at each entry
         self.in_pool = False
         self.graphed = None
         self._undo = []
@@ -161,6 +165,7 @@ class StandInCuda:
     @contextmanager
     def use_mem_pool(self, pool, device=None):
         self.pool_entries += 1
+        self.pool_streams.append(self.current_stream_obj)
         self.in_pool = True
         try:
             yield

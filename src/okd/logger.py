@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 
 def text_logger(log_file: Path) -> logging.Logger:
@@ -108,6 +108,21 @@ class NullLogger:
 
     def close(self) -> None:
         pass
+
+
+class MemoryLogger(NullLogger):
+    """Keeps the text lines and epoch records in memory (benchmarks, the preflight): what the
+    trainer said, e.g. whether its step became a CUDA graph, without writing a run directory."""
+
+    def __init__(self):
+        self.lines: List[str] = []
+        self.records: List[Dict] = []
+
+    def info(self, msg: str) -> None:
+        self.lines.append(msg)
+
+    def epoch_record(self, record: Dict) -> None:
+        self.records.append(record)
 
 
 class Progress:

@@ -1,6 +1,7 @@
 """A reproduction record: one JSON file per finished run, committed under ``results/``.
 
     python -m okd.results record RUN_DIR --protocol paper [--dataset cifar10] [--wall-seconds S] [--out results/]
+    python -m okd.results record RUN_DIR --protocol scaled --unfinished   # a run stopped early (a time limit)
     python -m okd.report results/            # the records beside the published numbers
 
 A record says what was trained (method, model, dataset, epochs, seed, whether
@@ -10,6 +11,10 @@ where (device as torch names it, precision, torch, okd commit), plus the
 resolved config the run used. Everything is read from the run directory
 (``last.pt``, ``metrics.jsonl``); nothing is typed in by hand. A record is
 never overwritten: a second record of the same cell gets a numbered name.
+A run stopped before its last epoch is recorded only when asked (``--unfinished``):
+its record says ``"finished": false`` and holds the epochs it completed
+(``epochs_done`` of ``epochs``), what the GPU check keeps when its time limit ends
+a run.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ PROTOCOLS = ("paper", "scaled")
 
 
 def build_record(run_dir: Path, protocol: str, dataset: Optional[str] = None,
-                 wall_seconds: Optional[float] = None) -> Dict:
+                 wall_seconds: Optional[float] = None, unfinished: bool = False) -> Dict:
     if protocol not in PROTOCOLS:
         raise OkdError(f"protocol must be {' or '.join(PROTOCOLS)}, got '{protocol}'")
     last = run_dir / "last.pt"
@@ -38,8 +43,11 @@ def build_record(run_dir: Path, protocol: str, dataset: Optional[str] = None,
     blob, _ = checkpoint.load_latest(last)
     cfg = blob["config"]
     epochs_done, epochs = int(blob["epoch"]), int(cfg["train"]["epochs"])
-    if epochs_done < epochs:
-        raise OkdError(f"run '{run_dir}' has finished {epochs_done} of {epochs} epochs; record finished runs only")
+    if epochs_done < epochs and not unfinished:
+        raise OkdError(f"run '{run_dir}' has finished {epochs_done} of {epochs} epochs; record finished runs only "
+                       f"(or pass --unfinished)")
+    if epochs_done == 0:
+        raise OkdError(f"run '{run_dir}' has not finished an epoch yet: nothing to record")
     records = [r for r in read_metrics(run_dir) if "train" in r]
     reported = blob["best"].get("reported") or {}
     last_reported = blob["last"].get("reported") or {}
@@ -50,7 +58,8 @@ def build_record(run_dir: Path, protocol: str, dataset: Optional[str] = None,
     return {
         "okd_result": RECORD_VERSION,
         "method": cfg["method"]["name"], "model": cfg["model"]["name"], "dataset": name,
-        "epochs": epochs, "protocol": protocol, "seed": int(cfg["seed"]),
+        "epochs": epochs, "epochs_done": epochs_done, "finished": epochs_done >= epochs,
+        "protocol": protocol, "seed": int(cfg["seed"]),
         "reported_best": reported.get("value"), "reported_best_epoch": reported.get("epoch"),
         "reported_last": last_reported.get("value"), "reported_label": last_reported.get("label"),
         "paper_top1": paper_top1(name, cfg["model"]["name"], cfg["method"]["name"]),
@@ -73,8 +82,8 @@ def free_path(folder: Path, stem: str) -> Path:
 
 def write_record(record: Dict, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    stem = (f"{record['dataset']}_{record['model']}_{record['method']}_{record['epochs']}ep_"
-            f"{record['protocol']}_seed{record['seed']}")
+    epochs = f"{record['epochs']}" if record.get("finished", True) else f"{record['epochs_done']}of{record['epochs']}"
+    stem = f"{record['dataset']}_{record['model']}_{record['method']}_{epochs}ep_{record['protocol']}_seed{record['seed']}"
     path = free_path(folder, stem)
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
@@ -107,7 +116,8 @@ def results_markdown(records: List[Dict]) -> str:
         paper = paper_top1(r["dataset"], r["model"], r["method"])
         delta = None if paper is None or r["reported_best"] is None else r["reported_best"] - paper
         wall = f"{r['wall_seconds'] / 60:.1f} min" if r.get("wall_seconds") is not None else "—"
-        lines.append(f"| {r['dataset']} | {r['model']} | {r['method']} | {r['epochs']} ({r['protocol']}) | "
+        epochs = f"{r['epochs']}" if r.get("finished", True) else f"{r['epochs_done']} of {r['epochs']}, stopped"
+        lines.append(f"| {r['dataset']} | {r['model']} | {r['method']} | {epochs} ({r['protocol']}) | "
                      f"{r['seed']} | {num(r['reported_best'])} | {num(r['reported_last'])} | {num(paper)} | "
                      f"{num(delta, '{:+.2f}')} | {num(r.get('img_per_s'), '{:,.0f}')} | {wall} | {r['device']} | "
                      f"{r['precision']} | {r['commit']} |")
@@ -124,15 +134,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     rec.add_argument("--dataset", help="the dataset's name in the record (e.g. cifar10 for its ImageFolder copy)")
     rec.add_argument("--wall-seconds", type=float, help="measured wall time of the whole run (default: train + eval)")
     rec.add_argument("--out", default="results", help="folder of the records (default: results/)")
+    rec.add_argument("--unfinished", action="store_true",
+                     help="also record a run stopped before its last epoch (labelled finished: false)")
     args = p.parse_args(argv)
     try:
-        record = build_record(Path(args.run_dir), args.protocol, args.dataset, args.wall_seconds)
+        record = build_record(Path(args.run_dir), args.protocol, args.dataset, args.wall_seconds, args.unfinished)
         path = write_record(record, Path(args.out))
     except (OkdError, OSError) as exc:
         print(f"okd-results: error: {exc}", file=sys.stderr)
         return 2
+    done = "" if record["finished"] else f"{record['epochs_done']} of "
     print(f"okd-results: wrote {path} | {record['method']} {record['model']} {record['dataset']} "
-          f"{record['epochs']} epochs ({record['protocol']}): reported best {record['reported_best']:.2f}, "
+          f"{done}{record['epochs']} epochs ({record['protocol']}): reported best {record['reported_best']:.2f}, "
           f"last {record['reported_last']:.2f} | {record['img_per_s']:.0f} img/s on {record['device']}")
     return 0
 

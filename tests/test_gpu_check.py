@@ -1,0 +1,83 @@
+"""The GPU check and its preflight, run on a CPU as they run on the GPU machine (the preflight through
+okd.cuda_standin): every file lands under $OUT as it goes, the training stops at its hard limit and
+still leaves its log and a record of its last finished epoch, and a failed preflight stops the
+check before it spends any time."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, synthetic_image
+from okd import cuda_standin, preflight
+
+
+def image_folder(root, classes=3, train=40, test=6, size=32):
+    from PIL import Image
+
+    for split, count in (("train", train), ("test", test)):
+        for c in range(classes):
+            folder = Path(root) / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(synthetic_image(size, size, 50 * c + i)).save(folder / f"{i}.jpg")
+    return Path(root)
+
+
+def gpu_check(tmp_path, **env):
+    out = tmp_path / "out"
+    full = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "DEVICE": "cpu", **env}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          env=full, timeout=600, cwd=str(tmp_path))
+    return proc, out
+
+
+def test_gpu_check_on_cpu_keeps_everything_under_out_when_its_time_limit_stops_the_training(tmp_path):
+    data = image_folder(tmp_path / "jpeg")
+    proc, out = gpu_check(
+        tmp_path, DATA=str(data), BUDGET_S="400", TRAIN_S="10", EPOCHS="10000", N_TRAIN="120", RESERVE_S="30",
+        BENCH_MODELS="resnet8_tiny", BENCH_ARGS="--batch-size 16 --rounds 1 --steps 1 --warmup 1 --workers 1 "
+                                                "--threads 2 --images 32 --settle 0",
+        TRAIN_ARGS="train.batch_size=32 train.threads=2", DATA_BENCH_ARGS="--images 8 --batch-size 4 --rounds 1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files  # what the device tool returns
+    log = (out / "gpu_check.log").read_text()
+    assert "check resident graphed via stand-in: ok" in log and "gpu_check: preflight passed" in log
+    assert "training stopped at its time limit (10 s)" in log and "gpu_check: finished after" in log
+    report = json.loads((out / "preflight.json").read_text())
+    assert report["passed"] and [c["check"] for c in report["checks"]] == ["resident graphed",
+                                                                          "streaming (2 workers) graphed"]
+    for check in report["checks"]:
+        assert check["captured"] and check["replays"] == check["expected_replays"] == 4
+        assert check["agreement_gap"] == 0.0 and check["pool_entries"] == 4  # 2 partial batches, 2 evaluations
+    assert "preflight: 2 of 2 checks passed" in log and log.startswith("gpu_check: data ")
+    bench = json.loads((out / "bench.json").read_text())["resnet8_tiny"]
+    assert bench["train_step"]["reference"]["ratio_to_reference"] == 1.0
+    assert "okd: stopped by SIGTERM at epoch" in log  # okd checkpointed at the limit
+    assert "epoch 1/10000 loss" in (out / "train_log.txt").read_text()
+    (record_path,) = [p for p in out.glob("cifar10_resnet8_tiny_pcl_*of10000ep_scaled_seed0.json")]
+    record = json.loads(record_path.read_text())
+    done = [json.loads(line) for line in (out / "train_metrics.jsonl").read_text().splitlines()]
+    assert record["finished"] is False and record["epochs_done"] == len(done) >= 1
+    assert record["reported_best"] == max(r["summary"]["reported"]["last"] for r in done)
+    assert json.loads((out / "data_throughput.json").read_text())["images"] == 8
+
+
+def test_a_failed_preflight_stops_the_gpu_check_before_any_benchmark(tmp_path):
+    proc, out = gpu_check(tmp_path, DEVICE="cuda", DATA=str(tmp_path))  # no CUDA here: the preflight fails
+    assert proc.returncode == 1
+    log = (out / "gpu_check.log").read_text()
+    assert "preflight: error: device cuda asked for but CUDA is not available here" in log
+    assert "gpu_check: preflight failed (exit 2); stopping before the benchmarks and the training" in log
+    assert not (out / "bench.json").exists()
+
+
+def test_preflight_fails_in_one_line_per_check_when_the_graph_is_not_captured(tmp_path, monkeypatch, capsys):
+    real = cuda_standin.standin_graphed_step
+    monkeypatch.setattr(cuda_standin, "standin_graphed_step",
+                        lambda step, device, log, **kw: real(step, device, log, fault="end", **kw))
+    assert preflight.main(["--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert out.count(": FAILED: NOT captured (capture failed (RuntimeError: CUDA error: operation failed") == 2
+    assert "preflight: 0 of 2 checks passed; the CUDA path is not safe to trust here" in out
