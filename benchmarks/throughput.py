@@ -22,6 +22,13 @@ achieved TFLOP/s is that count times its measured steps per second, and on a GPU
 (``okd.devices.PEAK_TFLOPS``: H100, H200, A100) the fraction of the data-sheet dense peak for the
 variant's precision: how far the step is from the hardware limit.
 
+What was measured is recorded beside each speed: every variant's ``graph`` (None for a variant without
+graphs; else whether the step was captured, its replays, the check replay's gap to the eager step and,
+when it ran eagerly, why) and, on CUDA, ``peak_memory_bytes`` (what its warm-up allocated at most above
+what was allocated before it: its activations, or its graph's pool). A variant that asked for graphs but
+ran eagerly is flagged in the table (``EAGER``) and warned about, so its speed is never taken for that
+of graphs. ``okd+auto`` is measured once when it resolves to a listed variant.
+
 Protocol: every variant is built and warmed up first; then ``--rounds`` rounds, in each of which every
 variant runs ``--steps`` steps, round-robin, so that drifts of a shared machine hit all alike. Reported:
 median img/s over rounds, min and max, and the ratio of medians to the reference. The data pipeline

@@ -71,3 +71,18 @@ def test_data_benchmark_compares_the_streaming_path_with_imagefolder(tmp_path):
         assert len(r["rounds"]) == 2 and r["min"] <= r["median_img_per_s_per_core"] <= r["max"]
     assert result["ratio"] == pytest.approx(result["results"]["okd"]["median_img_per_s_per_core"]
                                             / result["results"]["reference"]["median_img_per_s_per_core"])
+
+
+def test_the_cuda_variants_measure_every_combination_of_fused_views_and_batched_branches_with_and_without_graphs():
+    """What the device defaults must be chosen from: batching pays when launches dominate, maybe not in a graph."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    flags = {frozenset(v.split("+")[1:]) for v in throughput.DEFAULT_VARIANTS["cuda"].split(",")}
+    for fused in ("fused", None):
+        for batched in ("batched", None):
+            for graphs in ("graphs", None):
+                wanted = frozenset(f for f in ("cl", "bf16", fused, batched, graphs) if f)
+                assert wanted in flags, sorted(wanted)

@@ -21,9 +21,10 @@ Order of work, so that every batch is trained exactly once:
    nothing (an empty capture warns only) or something else than the step;
 3. every later full batch is a replay. The last, partial batch of an epoch
    runs eagerly with its own shape (the paper's semantics: no dropped images),
-   and so does evaluation, both allocating from the graph's memory pool where
-   torch has ``MemPool`` (so they reuse the step's activation memory instead of
-   adding their own beside it).
+   and so does evaluation, both on the capture's side stream and allocating from
+   the graph's memory pool where torch has ``MemPool`` (the forward's activations
+   reuse the step's memory instead of reserving their own beside it; backward
+   runs in autograd's own thread, whose allocations the pool does not take).
 
 The capture is made by hand rather than through ``torch.cuda.graph``: on the run's
 device and side stream (``torch.cuda.graph`` takes the *current* device's), with

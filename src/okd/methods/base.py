@@ -23,10 +23,11 @@ them on the host),
 module), ``branch_dropout`` (the method's default ``model.dropout``).
 
 Graph-safe forward: the trainer may capture the whole step in a CUDA graph
-and replay it across epochs, so ``forward_train`` must not branch on ``epoch``
-in Python; the epoch's distillation weight is ``self.kd_scale(epoch)``, a
-device tensor that the trainer refills in place at each epoch
-(``set_epoch``).
+and replay it across epochs, or compile it, so ``forward_train`` must not branch
+on ``epoch`` in Python; the epoch's distillation weight is
+``self.kd_scale(epoch)``, a device tensor that the trainer refills in place
+before each step (``set_epoch``, outside the graph and outside torch.compile,
+whose guard on the Python int would otherwise recompile every epoch).
 
 Options are a dataclass ``Options`` on the class, validated under ``method.*``;
 ``KDOptions`` declares what every distillation method has (temperature,
