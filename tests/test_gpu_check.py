@@ -35,7 +35,7 @@ def gpu_check(tmp_path, **env):
 def test_gpu_check_on_cpu_keeps_everything_under_out_when_its_time_limit_stops_the_training(tmp_path):
     data = image_folder(tmp_path / "jpeg")
     proc, out = gpu_check(
-        tmp_path, DATA=str(data), BUDGET_S="400", TRAIN_S="10", EPOCHS="10000", N_TRAIN="120", RESERVE_S="30",
+        tmp_path, DATA=str(data), BUDGET_S="400", TRAIN_S="25", EPOCHS="10000", N_TRAIN="120", RESERVE_S="30",
         BENCH_MODELS="resnet8_tiny", BENCH_ARGS="--batch-size 16 --rounds 1 --steps 1 --warmup 1 --workers 1 "
                                                 "--threads 2 --images 32 --settle 0",
         TRAIN_ARGS="train.batch_size=32 train.threads=2", DATA_BENCH_ARGS="--images 8 --batch-size 4 --rounds 1")
@@ -44,7 +44,7 @@ def test_gpu_check_on_cpu_keeps_everything_under_out_when_its_time_limit_stops_t
     assert len(files) <= 8, files  # what the device tool returns
     log = (out / "gpu_check.log").read_text()
     assert "check resident graphed via stand-in: ok" in log and "gpu_check: preflight passed" in log
-    assert "training stopped at its time limit (10 s)" in log and "gpu_check: finished after" in log
+    assert "training stopped at its time limit (25 s)" in log and "gpu_check: finished after" in log
     report = json.loads((out / "preflight.json").read_text())
     assert report["passed"] and [c["check"] for c in report["checks"]] == ["resident graphed",
                                                                           "streaming (2 workers) graphed"]
