@@ -6,7 +6,11 @@ log. Choices (measured with ``benchmarks/throughput.py``, see the README):
 
 * CUDA, one process: bf16 autocast (where the GPU has bf16), channels_last,
   PCL's fused views, batched branches and the whole step as a CUDA graph.
-  Under torchrun the graph is off (DDP's collectives), the rest stays.
+  Under torchrun the graph is off (DDP's collectives), the rest stays. These
+  are design choices, not yet measurements: no GPU has run okd's benchmark so
+  far, and the first ``bench.json`` of ``benchmarks/gpu_check.sh`` (every
+  combination of fused views and batched branches, with and without the graph)
+  is what they are to be set from.
 * CPU: channels_last (1.3x on an Intel Xeon with AVX-512); fused views and
   batched branches off (slower there). bf16 only where the CPU computes it
   natively (AVX-512 BF16 or AMX) *and* a short probe measures it faster than
