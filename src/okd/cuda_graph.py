@@ -41,11 +41,9 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
-
-StepFn = Callable[[List[torch.Tensor], torch.Tensor, int], torch.Tensor]
 
 # a replay must reproduce the eager step's change of every group of state to within this fraction;
 # a graph that recorded nothing (or the step twice) is off by 1 or more, float reordering by ~1e-6
