@@ -153,22 +153,15 @@ class GraphedStep:
 
     @contextlib.contextmanager
     def pool_allocation(self):
-        if self.pool is None or not self.pool_for_eager:
+        with contextlib.ExitStack() as stack:
+            if self.pool is not None and self.pool_for_eager:
+                try:
+                    stack.enter_context(self.cuda.use_mem_pool(self.pool, self.device))
+                except Exception as exc:  # noqa: BLE001 - only the memory saving is lost
+                    self.pool_for_eager = False
+                    self.log.info(f"cuda graphs: eager work cannot share the graph's memory pool "
+                                  f"({type(exc).__name__}: {first_line(exc)}); it allocates beside it")
             yield
-            return
-        try:
-            pool_context = self.cuda.use_mem_pool(self.pool, self.device)
-            pool_context.__enter__()
-        except Exception as exc:  # noqa: BLE001 - only the memory saving is lost
-            self.pool_for_eager = False
-            self.log.info(f"cuda graphs: eager work cannot share the graph's memory pool ({type(exc).__name__}: "
-                          f"{first_line(exc)}); it allocates beside it")
-            yield
-            return
-        try:
-            yield
-        finally:
-            pool_context.__exit__(None, None, None)
 
     def eager_on_side_stream(self, views, labels, epoch: int) -> torch.Tensor:
         self.side.wait_stream(self.cuda.current_stream(self.device))

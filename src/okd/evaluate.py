@@ -20,6 +20,7 @@ from .data import Normalizer, Split
 from .data.streaming import EvalImages, eval_jobs, loader, on_device, workers
 from .distributed import DistInfo
 from .methods import Method
+from .step import AUTOCAST_DTYPES
 
 
 def shard_range(count: int, dist: DistInfo) -> Tuple[int, int]:
@@ -32,8 +33,6 @@ class Inference:
     """How test images enter the models: the run's memory format and autocast precision."""
 
     def __init__(self, device: torch.device, precision: str = "fp32", channels_last: bool = False):
-        from .step import AUTOCAST_DTYPES
-
         self.device_type, self.dtype = device.type, AUTOCAST_DTYPES.get(precision)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
