@@ -9,7 +9,7 @@ need), 224 px, in DataLoader workers, and hand batches of ``--batch-size`` image
 * **reference**: ``torchvision.datasets.ImageFolder`` with PIL decoding and the standard transforms,
   RandomResizedCrop(224) + RandomHorizontalFlip + ToTensor + Normalize, applied ``--views`` times to
   the decoded image; float32 batches, the default collate (what the ImageNet examples do).
-* **okd**: ``okd.data.streaming`` (the path an ``imagenet`` run uses): ``torchvision.io`` decoding,
+* **okd**: ``okd.data.file_stream`` (the path an ``imagenet`` run uses): ``torchvision.io`` decoding,
   RandomResizedCrop + flip on the uint8 tensor per view from a per-image generator; uint8 batches,
   normalised later on the training device (as in training, where that costs the CPU nothing).
 
@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from okd.config import DataConfig  # noqa: E402
 from okd.data import load_dataset  # noqa: E402
 from okd.data.folders import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from okd.data.streaming import EpochJobs, TrainViews, loader  # noqa: E402
+from okd.data.file_stream import EpochJobs, TrainViews, loader  # noqa: E402
 from okd.devices import cpu_name  # noqa: E402
 from okd.distributed import DistInfo  # noqa: E402
 

@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from okd.checkpointing import CheckpointPolicy  # noqa: E402
+from okd.checkpoint_policy import CheckpointPolicy  # noqa: E402
 from okd.config import config_from_dict  # noqa: E402
 from okd.devices import device_name, peak_tflops, resolve_auto  # noqa: E402
 from okd.data.datasets import Dataset, Split  # noqa: E402

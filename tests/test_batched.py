@@ -31,7 +31,7 @@ from conftest import large_backbones, random_batch
 from okd.errors import ConfigError
 from okd.methods import METHODS, build_method
 from okd.models import BACKBONES, MultiBranchNet, backbone_options, backbone_spec, enable_batched_branches
-from okd.models.batched import GroupedBatchNorm2d, GroupedConv2d, GroupedLinear
+from okd.models.grouped import GroupedBatchNorm2d, GroupedConv2d, GroupedLinear
 
 CLASSES = 10
 TOL = dict(rtol=1e-5, atol=1e-5)

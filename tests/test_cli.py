@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import okd
-from okd import checkpoint
+from okd import checkpoint_file
 from okd.cli import main
 from okd.config import DataConfig
 from okd.data import Normalizer, load_dataset
@@ -76,8 +76,8 @@ def test_same_command_twice_gives_identical_results(tmp_path):
     ra, rb = records(tmp_path / "a"), records(tmp_path / "b")
     assert [r["val"] for r in ra] == [r["val"] for r in rb]
     assert [r["train"]["loss"] for r in ra] == [r["train"]["loss"] for r in rb]
-    sa = checkpoint.load(tmp_path / "a" / "last.pt")["method_state"]
-    sb = checkpoint.load(tmp_path / "b" / "last.pt")["method_state"]
+    sa = checkpoint_file.load(tmp_path / "a" / "last.pt")["method_state"]
+    sb = checkpoint_file.load(tmp_path / "b" / "last.pt")["method_state"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
@@ -85,8 +85,8 @@ def test_resume_is_bitwise_equal_to_straight_run(tmp_path):
     assert main(args(tmp_path, "train.epochs=2", name="straight")) == 0
     assert main(args(tmp_path, "train.epochs=1", name="resumed")) == 0
     assert main(args(tmp_path, "train.epochs=2", name="resumed")) == 0  # same command, more epochs
-    a = checkpoint.load(tmp_path / "straight" / "last.pt")
-    b = checkpoint.load(tmp_path / "resumed" / "last.pt")
+    a = checkpoint_file.load(tmp_path / "straight" / "last.pt")
+    b = checkpoint_file.load(tmp_path / "resumed" / "last.pt")
     assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (2, 6)
     assert a["method_state"].keys() == b["method_state"].keys()
     for k in a["method_state"]:  # weights, temporal mean and BN buffers

@@ -144,11 +144,10 @@ def test_a_new_module_in_a_registry_package_is_found_without_editing_another_fil
     assert registry.get("mvcl")() == 1
 
 
-def readme_examples():
-    """The code blocks of the README's 'Extending okd' section, keyed by the file they stand for."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Extending okd"):text.index("## Config reference")]
-    blocks = re.findall(r"```python\n(# (src/okd/\S+)\n.*?)```", section, flags=re.S)
+def extension_examples():
+    """The code blocks of docs/extending.md that stand for a file (first line '# src/okd/...'), keyed by it."""
+    text = (REPO / "docs" / "extending.md").read_text()
+    blocks = re.findall(r"```python\n(# (src/okd/\S+)\n.*?)```", text, flags=re.S)
     return {path: code for code, path in blocks}
 
 
@@ -157,7 +156,7 @@ def test_the_readme_extension_examples_work_as_printed(tmp_path):
     from okd.config import DataConfig, load_config
     from okd.data import load_dataset
 
-    examples = readme_examples()
+    examples = extension_examples()
     assert set(examples) == {"src/okd/methods/ekd.py", "src/okd/models/resnet20.py", "src/okd/data/npz.py"}
     registries = {"src/okd/methods/ekd.py": (METHODS, "ekd"), "src/okd/models/resnet20.py": (BACKBONES, "resnet20"),
                   "src/okd/data/npz.py": (DATASETS, "npz")}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import QUICKSTART, ListLog, pcl_train_step, random_batch, records
-from okd import checkpoint, trainer
+from okd import checkpoint_file, trainer
 from okd.cli import main
 from okd.cuda_graph import relative_gap
 from okd.cuda_standin import standin_graphed_step
@@ -192,8 +192,8 @@ def test_the_trainer_with_a_graphed_step_trains_what_the_eager_trainer_trains(tm
     cuda = stand_ins[0]
     assert len(cuda.captures) == 1 and cuda.replays == 1 + 4  # epoch 1: the check; epoch 2: batches 1-4
     assert cuda.pool_entries == 4  # two partial batches, two evaluations
-    eager = checkpoint.load(tmp_path / "eager" / "last.pt")["method_state"]
-    graphed = checkpoint.load(tmp_path / "graphed" / "last.pt")["method_state"]
+    eager = checkpoint_file.load(tmp_path / "eager" / "last.pt")["method_state"]
+    graphed = checkpoint_file.load(tmp_path / "graphed" / "last.pt")["method_state"]
     assert all(torch.equal(eager[k], graphed[k]) for k in eager)
     for a, b in zip(records(tmp_path / "eager"), records(tmp_path / "graphed")):
         assert a["val"] == b["val"] and a["train"]["loss"] == b["train"]["loss"] and a["lr"] == b["lr"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import QUICKSTART, pcl_train_step, random_batch
-from okd import checkpoint, cli
+from okd import checkpoint_file, cli
 from okd.cli import main, prepare_runtime
 from okd.config import config_from_dict
 from okd.distributed import DistInfo
@@ -79,8 +79,8 @@ def test_a_resume_that_toggles_channels_last_continues_as_a_run_that_never_toggl
     assert main([*run, "train.channels_last=false", "--save_dir", "straight"]) == 0
     assert main([*run, "train.epochs=1", "train.channels_last=false", "--save_dir", "toggled"]) == 0
     assert main([*run, "train.channels_last=true", "--save_dir", "toggled"]) == 0
-    straight = checkpoint.load(tmp_path / "straight" / "last.pt")["method_state"]
-    toggled = checkpoint.load(tmp_path / "toggled" / "last.pt")["method_state"]
+    straight = checkpoint_file.load(tmp_path / "straight" / "last.pt")["method_state"]
+    toggled = checkpoint_file.load(tmp_path / "toggled" / "last.pt")["method_state"]
     for k in straight:
         torch.testing.assert_close(toggled[k].float(), straight[k].float(), rtol=0, atol=3e-4, msg=k)
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import random_batch
-from okd import checkpoint, create_model, load_model
+from okd import checkpoint_file, create_model, load_model
 from okd.config import load_config
 from okd.errors import ConfigError
 from okd.methods.pcl import PCL
@@ -70,7 +70,7 @@ def test_model_final_norm_selects_the_densenet_variant(tmp_path):
         load_config(None, ["model.name=vgg16", "model.final_norm=false"])
     # a best.pt of the variant loads back into the variant
     net = create_model("densenet40_12", 10, final_norm=False)
-    checkpoint.save_atomic({"model_name": "densenet40_12", "num_classes": 10, "config": cfg.to_dict(),
+    checkpoint_file.save_atomic({"model_name": "densenet40_12", "num_classes": 10, "config": cfg.to_dict(),
                             "deploy": net.state_dict()}, tmp_path / "best.pt")
     loaded = load_model(tmp_path / "best.pt")
     x = torch.randn(2, 3, 32, 32)

@@ -61,11 +61,11 @@ def test_a_record_is_read_from_the_run_and_never_overwritten(finished_run, tmp_p
 
 
 def test_an_unfinished_run_is_not_recorded(finished_run, tmp_path, capsys):
-    from okd import checkpoint
+    from okd import checkpoint_file
 
-    blob = checkpoint.load(finished_run / "last.pt")
+    blob = checkpoint_file.load(finished_run / "last.pt")
     (tmp_path / "half").mkdir()
-    checkpoint.save_atomic({**blob, "epoch": 0}, tmp_path / "half" / "last.pt")
+    checkpoint_file.save_atomic({**blob, "epoch": 0}, tmp_path / "half" / "last.pt")
     capsys.readouterr()
     assert results_main(["record", str(tmp_path / "half"), "--protocol", "paper", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -79,12 +79,12 @@ def test_an_unfinished_run_is_not_recorded(finished_run, tmp_path, capsys):
 
 def test_a_run_stopped_early_is_recorded_as_unfinished_when_asked(finished_run, tmp_path, capsys):
     """What the GPU check keeps when its time limit stops a run: the epochs it finished."""
-    from okd import checkpoint
+    from okd import checkpoint_file
 
-    blob = checkpoint.load(finished_run / "last.pt")
+    blob = checkpoint_file.load(finished_run / "last.pt")
     (tmp_path / "stopped").mkdir()
     planned = {**blob["config"], "train": {**blob["config"]["train"], "epochs": 4}}
-    checkpoint.save_atomic({**blob, "config": planned}, tmp_path / "stopped" / "last.pt")
+    checkpoint_file.save_atomic({**blob, "config": planned}, tmp_path / "stopped" / "last.pt")
     (tmp_path / "stopped" / "metrics.jsonl").write_text((finished_run / "metrics.jsonl").read_text())
     assert results_main(["record", str(tmp_path / "stopped"), "--protocol", "scaled", "--unfinished",
                          "--out", str(tmp_path / "out")]) == 0

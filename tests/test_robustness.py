@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from okd import checkpoint
+from okd import checkpoint_file
 from okd.cli import main
 from conftest import REPO, records
 
@@ -20,7 +20,7 @@ QUICK = ["--config", str(REPO / "configs/quickstart.yml"), "data.train_subset=38
 
 
 def final_weights(run_dir):
-    return checkpoint.load(Path(run_dir) / "last.pt")["method_state"]
+    return checkpoint_file.load(Path(run_dir) / "last.pt")["method_state"]
 
 
 def assert_bitwise_equal(a, b):
@@ -125,7 +125,7 @@ def test_sigterm_writes_last_and_the_rerun_continues(tmp_path, straight_run):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "stopped by SIGTERM" in out and "rerun the same command to continue" in out
-    state = checkpoint.load(tmp_path / "stopped" / "last.pt")
+    state = checkpoint_file.load(tmp_path / "stopped" / "last.pt")
     assert state["epoch"] < 3 and state["global_step"] >= 5
     proc = start(tmp_path, "stopped")
     out, _ = proc.communicate(timeout=300)
@@ -139,27 +139,27 @@ def test_damaged_last_falls_back_to_previous(tmp_path, capsys):
     assert main([*QUICK, "train.epochs=1", f"output.root={tmp_path}", "--save_dir", "run"]) == 0
     assert main([*QUICK, "train.epochs=2", f"output.root={tmp_path}", "--save_dir", "run"]) == 0
     last, prev = tmp_path / "run" / "last.pt", tmp_path / "run" / "last.prev.pt"
-    assert checkpoint.load(prev)["epoch"] == 1 and checkpoint.load(last)["epoch"] == 2
+    assert checkpoint_file.load(prev)["epoch"] == 1 and checkpoint_file.load(last)["epoch"] == 2
     data = last.read_bytes()
     last.write_bytes(data[: len(data) // 2])  # truncated, as by a full disk
     with pytest.raises(checkpoint.CheckpointError, match="truncated"):
-        checkpoint.load(last)
+        checkpoint_file.load(last)
     capsys.readouterr()
     # rerunning continues from the previous good checkpoint, with a warning naming the bad file
     assert main([*QUICK, "train.epochs=2", f"output.root={tmp_path}", "--save_dir", "run"]) == 0
     captured = capsys.readouterr()
     assert "is truncated" in captured.err and "last.prev.pt" in captured.err
-    assert "resumed from" in captured.out and checkpoint.load(last)["epoch"] == 2
+    assert "resumed from" in captured.out and checkpoint_file.load(last)["epoch"] == 2
 
 
 def test_flipped_byte_is_a_checksum_error(tmp_path):
     path = tmp_path / "x.pt"
-    checkpoint.save_atomic({"weights": torch.arange(1000.0)}, path)
+    checkpoint_file.save_atomic({"weights": torch.arange(1000.0)}, path)
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(checkpoint.CheckpointError, match="checksum mismatch"):
-        checkpoint.load(path)
+        checkpoint_file.load(path)
 
 
 # ---------------------------------------------------------------- non-finite losses
@@ -182,7 +182,7 @@ def test_nonfinite_loss_stops_naming_step_epoch_and_term(tmp_path, capsys, monke
     assert main(run) == 2
     err = capsys.readouterr().err
     assert "non-finite loss at step 9 (epoch 2, batch 3) in term(s) total, kd_mean" in err
-    state = checkpoint.load(tmp_path / "run" / "last.pt")
+    state = checkpoint_file.load(tmp_path / "run" / "last.pt")
     assert state["epoch"] == 1  # the last good checkpoint is kept
     assert all(torch.isfinite(v).all() for v in state["method_state"].values() if v.is_floating_point())
 
@@ -199,7 +199,7 @@ def test_reduced_precision_trains_and_checkpoints_its_scaler(tmp_path, precision
     run = [*QUICK, "data.train_subset=128", "train.epochs=1", f"train.precision={precision}",
            f"output.root={tmp_path}", "--save_dir", precision]
     assert main(run) == 0
-    state = checkpoint.load(tmp_path / precision / "last.pt")
+    state = checkpoint_file.load(tmp_path / precision / "last.pt")
     assert all(torch.isfinite(v).all() for v in state["method_state"].values() if v.is_floating_point())
     # fp16 needs loss scaling; its scale travels with the checkpoint (bf16 does without)
     assert ("scale" in state["scaler"]) == (precision == "fp16")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from conftest import QUICKSTART, REPO, records, run_cli, tree_digest
-from okd import checkpoint
+from okd import checkpoint_file
 from okd.cli import main
 from okd.runlock import LOCK_NAME, RunLock, check_free
 
@@ -110,11 +110,11 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, cap
     assert "\n" not in err and "Traceback" not in err
     assert f"no space left on the device writing '{run_dir}/" in err and "MB are free" in err
     assert "it needs" in err and "the previous checkpoint is kept" in err
-    assert checkpoint.load(run_dir / "last.pt")["epoch"] == 1
+    assert checkpoint_file.load(run_dir / "last.pt")["epoch"] == 1
     assert not [p for p in run_dir.iterdir() if ".tmp" in p.name or ".prev" in p.name and p.name != "last.prev.pt"]
     monkeypatch.undo()
     assert main([*run, "train.epochs=2"]) == 0
-    assert checkpoint.load(run_dir / "last.pt")["epoch"] == 2
+    assert checkpoint_file.load(run_dir / "last.pt")["epoch"] == 2
 
 
 def test_temporary_files_of_an_earlier_crash_are_removed(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import QUICKSTART, ListLog, pcl_train_step, random_batch, records
-from okd import checkpoint
+from okd import checkpoint_file
 from okd.cli import main
 from okd.config import config_from_dict
 from okd.errors import OkdError
@@ -116,7 +116,7 @@ def test_deferred_reads_give_the_same_run_as_reads_every_step(tmp_path, monkeypa
         run = [*QUICK, "train.epochs=2", "schedule.milestones=[1]", "train.nonfinite=skip",
                f"train.sync_every={every}", f"output.root={tmp_path}", "--save_dir", f"every{every}"]
         assert main(run) == 0
-        states[every] = checkpoint.load(tmp_path / f"every{every}" / "last.pt")["method_state"]
+        states[every] = checkpoint_file.load(tmp_path / f"every{every}" / "last.pt")["method_state"]
         assert records(tmp_path / f"every{every}")[-1]["skipped_steps"] == 1
     assert all(torch.equal(states[1][k], states[3][k]) for k in states[1])
     for a, b in zip(records(tmp_path / "every1"), records(tmp_path / "every3")):

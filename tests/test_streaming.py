@@ -16,13 +16,13 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from okd import checkpoint
+from okd import checkpoint_file
 from okd.cli import main
 from okd.config import DataConfig
 from okd.data import EpochDraws, Normalizer, load_dataset
 from okd.data.images import (UnreadableImage, eval_view, pad_crop_flip, read_image, resized_crop_box,
                              resized_crop_flip)
-from okd.data.streaming import StreamBatches, epoch_order
+from okd.data.file_stream import StreamBatches, epoch_order
 from okd.distributed import DistInfo
 from okd.errors import DataError
 from conftest import REPO, make_imagenet_tree, make_tiny_tree, records, synthetic_image
@@ -292,7 +292,7 @@ def test_unreadable_image_mid_epoch_is_one_line_and_keeps_the_progress(tmp_path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert f"cannot read image '{bad}'" in err and "continue from batch 3 of epoch 1" in err
-    assert checkpoint.load(tmp_path / "run" / "last.pt")["batch_in_epoch"] == 2
+    assert checkpoint_file.load(tmp_path / "run" / "last.pt")["batch_in_epoch"] == 2
     Image.fromarray(synthetic_image(50, 50, 1)).save(bad, format="JPEG")  # repaired: the run continues
     assert main(run) == 0 and [r["epoch"] for r in records(tmp_path / "run")] == [1, 2]
 
@@ -321,12 +321,12 @@ def test_sigkill_mid_epoch_then_rerun_is_bitwise_equal_with_workers(tmp_path, im
     assert proc.returncode == -signal.SIGKILL
     out, _ = straight.communicate(timeout=300)
     assert straight.returncode == 0, out[-2000:]
-    assert checkpoint.load(tmp_path / "killed" / "last.pt")["batch_in_epoch"] >= 1
+    assert checkpoint_file.load(tmp_path / "killed" / "last.pt")["batch_in_epoch"] >= 1
     proc = kill_run(tmp_path, imagenet_tree, "killed")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "resumed from" in out, out[-2000:]
-    a = checkpoint.load(tmp_path / "straight" / "last.pt")["method_state"]
-    b = checkpoint.load(tmp_path / "killed" / "last.pt")["method_state"]
+    a = checkpoint_file.load(tmp_path / "straight" / "last.pt")["method_state"]
+    b = checkpoint_file.load(tmp_path / "killed" / "last.pt")["method_state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["val"] for r in records(tmp_path / "killed")] == [r["val"] for r in records(tmp_path / "straight")]
 

@@ -9,9 +9,9 @@ from .methods import METHODS  # noqa: E402
 
 def load_model(path, map_location="cpu"):
     """The deployable network stored in an okd checkpoint (``best.pt`` or ``last.pt``), in eval mode."""
-    from . import checkpoint
+    from . import checkpoint_file
 
-    blob = checkpoint.load(path, map_location)
+    blob = checkpoint_file.load(path, map_location)
     saved = (blob.get("config") or {}).get("model") or {}
     model = create_model(blob["model_name"], blob["num_classes"], final_norm=saved.get("final_norm"))
     model.load_state_dict(blob["deploy"])

@@ -23,9 +23,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import yaml
 
-from . import checkpoint, checkpointing, devices, distributed, runlock
+from . import checkpoint_file, checkpoint_policy, devices, distributed, runlock
 from .provenance import git_commit
-from .checkpointing import CheckpointPolicy
+from .checkpoint_policy import CheckpointPolicy
 from .config import Config, default_tree, dump_yaml, load_config
 from .data import load_dataset
 from .distributed import DistInfo
@@ -155,7 +155,7 @@ def check_run_dir(cfg: Config, overwrite: bool, resolved: Optional[Config] = Non
                        f"use another --save_dir or pass --overwrite")
     last = run_dir / "last.pt"
     # load_latest falls back to last.prev.pt when last.pt is missing or damaged
-    return last if last.exists() or checkpoint.previous_path(last).exists() else None
+    return last if last.exists() or checkpoint_file.previous_path(last).exists() else None
 
 
 def run(args) -> int:
@@ -178,7 +178,7 @@ def run(args) -> int:
     distributed.init(dist, device)
     optimization = Optimization.build(run_cfg, method, device)
     # the checkpoint is loaded before anything is written: one that does not fit leaves no trace
-    state = checkpointing.restore(blob, resume_from, run_cfg, method, optimization) if blob else RunState()
+    state = checkpoint_policy.restore(blob, resume_from, run_cfg, method, optimization) if blob else RunState()
     with open_run_dir(cfg, args.overwrite, dist, state.epoch, seen) as log:
         log_header(log, run_cfg, dataset, method, device, dist, state, resume_from, chosen)
         if state.epoch < cfg.train.epochs:
@@ -226,9 +226,9 @@ def find_checkpoint(cfg: Config, args, resolved: Optional[Config] = None):
     # always check the run directory, so --resume cannot write into another experiment's run
     last = check_run_dir(cfg, args.overwrite, resolved)
     if args.resume:
-        return checkpoint.load(Path(args.resume)), Path(args.resume)
+        return checkpoint_file.load(Path(args.resume)), Path(args.resume)
     if last is not None:
-        return checkpoint.load_latest(last)
+        return checkpoint_file.load_latest(last)
     return None, None
 
 
@@ -297,7 +297,7 @@ def claim_run_dir(cfg: Config, overwrite: bool, seen: tuple) -> runlock.RunLock:
             lock.release()
             raise runlock.RunDirBusy(f"run directory '{run_dir}' was written by another process while this one "
                                      f"was starting; rerun the same command to continue from what it wrote")
-        checkpoint.remove_temporaries(run_dir)
+        checkpoint_file.remove_temporaries(run_dir)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
         return lock
     except OSError as exc:
@@ -339,7 +339,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"okd: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        if exc.errno not in checkpoint.NO_SPACE:
+        if exc.errno not in checkpoint_file.NO_SPACE:
             raise
         where = f" writing '{exc.filename}'" if exc.filename else ""
         print(f"okd: error: no space left on the device{where}; free some space and rerun the same command "

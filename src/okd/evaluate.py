@@ -3,7 +3,7 @@
 Under torchrun each rank evaluates one contiguous shard of the test split and the
 correct counts are summed, so every test image is counted exactly once (no sampler
 padding). The resident path slices its device tensor; the streaming path decodes its
-shard in DataLoader workers (``okd.data.streaming``). Inputs take the training's memory
+shard in DataLoader workers (``okd.data.file_stream``). Inputs take the training's memory
 format and precision (``Inference``): NCHW images into channels_last weights would make
 every convolution convert them, and fp32 evaluation of a bf16 run is the slow half of
 an epoch on a GPU. Accuracies are counted from the logits in fp32.
@@ -17,7 +17,7 @@ import torch
 
 from . import distributed
 from .data import Normalizer, Split
-from .data.streaming import EvalImages, eval_jobs, loader, on_device, workers
+from .data.file_stream import EvalImages, eval_jobs, loader, on_device, workers
 from .distributed import DistInfo
 from .methods import Method
 from .step import AUTOCAST_DTYPES

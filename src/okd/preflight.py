@@ -35,7 +35,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .checkpointing import CheckpointPolicy
+from .checkpoint_policy import CheckpointPolicy
 from .config import config_from_dict
 from .cuda_graph import relative_gap
 from .data import load_dataset

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import checkpoint
+from . import checkpoint_file
 from .errors import OkdError
 from .paper import paper_top1
 from .report import median_img_per_s, read_metrics
@@ -40,7 +40,7 @@ def build_record(run_dir: Path, protocol: str, dataset: Optional[str] = None,
     last = run_dir / "last.pt"
     if not last.exists():
         raise OkdError(f"'{run_dir}' has no last.pt; is it an okd run directory?")
-    blob, _ = checkpoint.load_latest(last)
+    blob, _ = checkpoint_file.load_latest(last)
     cfg = blob["config"]
     epochs_done, epochs = int(blob["epoch"]), int(cfg["train"]["epochs"])
     if epochs_done < epochs and not unfinished:

@@ -23,11 +23,11 @@ from typing import Callable, Dict, Optional
 import torch
 
 from . import distributed
-from .checkpointing import CheckpointPolicy
+from .checkpoint_policy import CheckpointPolicy
 from .config import Config
 from .cuda_graph import GraphedStep
 from .data import Batch, Dataset, derive_seed
-from .data.streaming import training_batches
+from .data.file_stream import training_batches
 from .distributed import DistInfo
 from .errors import DataError
 from .evaluate import test_set

@@ -3,7 +3,7 @@ so a dataset loader in a new file here, decorated with ``@DATASETS.register``, i
 from ..registry import import_submodules
 from .augment import EpochDraws, Normalizer, crop_flip, derive_seed
 from .datasets import DATASETS, Dataset, Split, load_dataset
-from .stream import Batch, BatchStream
+from .resident import Batch, BatchStream
 
 import_submodules(__name__, __path__)
 

@@ -3,7 +3,7 @@
 A split is either resident (``Split``: one uint8 N x 3 x S x S tensor plus labels,
 augmented in batches on the training device by ``okd.data.augment``) or a list of
 image files (``FileSplit``), which ``load_dataset`` either decodes once into a resident
-split (cached on disk) or leaves to the streaming path (``okd.data.streaming``), by
+split (cached on disk) or leaves to the streaming path (``okd.data.file_stream``), by
 ``data.pipeline``: ``auto`` keeps a dataset resident when its decoded splits take at
 most ``RESIDENT_LIMIT_BYTES`` and its recipe is ``crop_flip``, and streams it otherwise.
 CIFAR and the embedded digits are resident by nature; the image-folder layouts

@@ -1,11 +1,17 @@
 """Backbones. Importing this package imports every module in it, registering each backbone in ``BACKBONES``."""
 import inspect
+from pathlib import Path
 from typing import Dict, Optional
 
 from ..errors import ConfigError
-from ..registry import import_submodules
-from .branched import BackboneSpec, Branch, BranchOutput, BranchOutputs, IndependentNets, MultiBranchNet, SingleNet
-from .registry import BACKBONES
+from ..registry import Registry, import_submodules
+
+HOME = Path(__file__).resolve().parent
+# name -> function(num_classes, **options) -> BackboneSpec
+BACKBONES = Registry(
+    "model", hint=f"a new backbone is a file in {HOME}/ whose spec function has @BACKBONES.register('{{name}}')")
+
+from .nets import BackboneSpec, Branch, BranchOutput, BranchOutputs, IndependentNets, MultiBranchNet, SingleNet  # noqa: E402
 
 import_submodules(__name__, __path__)
 
@@ -46,7 +52,7 @@ def check_input_size(name: str, spec: BackboneSpec, size: int, dataset: str) -> 
 
 def enable_batched_branches(module) -> int:
     """Run the branches of every multi-branch network in ``module`` as one grouped computation
-    (``okd.models.batched``); the number of networks switched. A ConfigError if one cannot be."""
+    (``okd.models.grouped``); the number of networks switched. A ConfigError if one cannot be."""
     nets = [m for m in module.modules() if isinstance(m, MultiBranchNet)]
     for net in nets:
         try:

@@ -13,11 +13,14 @@ reproduction's variant without it (175,858 / 187,828); the config key is
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
-from .branched import BackboneSpec, Branch
-from .registry import BACKBONES
+from . import BACKBONES
+from .grouped import batched_clone, grouped_form
+from .nets import BackboneSpec, Branch
 
 
 class DenseLayer(nn.Module):
@@ -32,6 +35,22 @@ class DenseLayer(nn.Module):
 
     def forward(self, x):
         return torch.cat([x, self.layers(x)], 1)
+
+
+@grouped_form(DenseLayer)
+class GroupedDenseLayer(nn.Module):
+    """DenseNet's layer: the new channels of branch j go after branch j's own input channels."""
+
+    def __init__(self, members: Sequence[DenseLayer]):
+        super().__init__()
+        self.m = len(members)
+        self.layers = batched_clone([d.layers for d in members])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        new = self.layers(x)
+        joined = torch.cat([x.unflatten(1, (self.m, -1)), new.unflatten(1, (self.m, -1))], dim=2).flatten(1, 2)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        return joined.contiguous(memory_format=torch.channels_last) if channels_last else joined
 
 
 def dense_block(cin, num_layers, growth, bn_size):

@@ -19,8 +19,8 @@ from typing import Dict, Sequence
 import torch
 from torch import nn
 
-from .branched import BackboneSpec, Branch
-from .registry import BACKBONES
+from . import BACKBONES
+from .nets import BackboneSpec, Branch
 from .resnet import BasicBlock, Bottleneck, init_weights, make_stage
 
 WIDTHS = (64, 128, 256, 512)

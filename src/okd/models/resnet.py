@@ -12,8 +12,8 @@ from typing import Sequence
 
 from torch import nn
 
-from .branched import BackboneSpec, Branch
-from .registry import BACKBONES
+from . import BACKBONES
+from .nets import BackboneSpec, Branch
 
 
 def conv3x3(cin, cout, stride=1):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .branched import BackboneSpec, Branch
-from .registry import BACKBONES
+from . import BACKBONES
+from .nets import BackboneSpec, Branch
 
 TRUNK_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M"]
 BRANCH_CFG = [512, 512, 512, "M"]

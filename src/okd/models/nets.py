@@ -15,6 +15,8 @@ from typing import Callable, List, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
+from .grouped import BatchedBranches
+
 
 class BranchOutput(NamedTuple):
     feature: torch.Tensor  # the pooled last feature map, (B, feature_dim)
@@ -120,7 +122,7 @@ class MultiBranchNet(nn.Module):
 
     Every way of running the branches goes through ``branch_outputs`` / ``heads``,
     which run them one after another or, with ``enable_batched_branches``, as one
-    grouped computation (``okd.models.batched``; same results within float rounding).
+    grouped computation (``okd.models.grouped``; same results within float rounding).
     """
 
     fused_views = False
@@ -140,7 +142,6 @@ class MultiBranchNet(nn.Module):
         self.fused_views = True
 
     def enable_batched_branches(self) -> None:
-        from .batched import BatchedBranches
 
         self.__dict__["batched"] = BatchedBranches(list(self.branches))
 

@@ -16,7 +16,7 @@ A write that fails removes its temporary files; a full disk is a one-line
 ``DiskFullError`` (the file, the space needed and free). Temporaries that a
 killed process left behind are removed by ``remove_temporaries`` when the next
 run takes the run directory's lock. What goes into ``last.pt`` / ``best.pt``,
-and when, is ``okd.checkpointing``'s.
+and when, is ``okd.checkpoint_policy``'s.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ state (students, teachers, temporal means), optimizer, schedule, grad scaler,
 the ``RunState``, RNG states and the resolved config, plus the deployable
 network. ``best.pt`` holds the deployable network at the best epoch of the
 reported model, with its metrics and config. Only the main rank writes; the
-file format (atomic, checksummed) is ``okd.checkpoint``'s.
+file format (atomic, checksummed) is ``okd.checkpoint_file``'s.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Dict, Optional
 
 import torch
 
-from . import checkpoint
+from . import checkpoint_file
 from .config import Config
 from .errors import CheckpointError
 from .methods import Method
@@ -35,13 +35,13 @@ class CheckpointPolicy:
     def save_last(self, cfg: Config, method: Method, optimization: Optimization, state: RunState) -> None:
         if self.run_dir is not None:
             payload = {**training_state(cfg, method, optimization, state), "deploy": method.deployable_state_dict()}
-            checkpoint.save_atomic(payload, self.run_dir / "last.pt", keep_previous=True)
+            checkpoint_file.save_atomic(payload, self.run_dir / "last.pt", keep_previous=True)
 
     def save_best(self, cfg: Config, method: Method, state: RunState) -> None:
         if self.run_dir is not None:
             payload = {**identity(cfg, method), "epoch": state.epoch, "global_step": state.step,
                        **state.summaries(), "config": cfg.to_dict(), "deploy": method.deployable_state_dict()}
-            checkpoint.save_atomic(payload, self.run_dir / "best.pt")
+            checkpoint_file.save_atomic(payload, self.run_dir / "best.pt")
 
 
 def identity(cfg: Config, method: Method) -> Dict:

@@ -18,22 +18,21 @@ and write the BatchNorm running statistics back to them. The tree is kept
 outside the module hierarchy, so it holds no parameters of its own.
 
 Supported layers: Conv2d, BatchNorm2d, Linear, parameter-free layers (ReLU,
-pooling, Flatten, Dropout) and containers of them; DenseNet's concatenating
-layer has its own wrapper. Anything else raises ``NotImplementedError`` when
+pooling, Flatten, Dropout) and containers of them; a backbone's own block
+declares its grouped form beside it (``@grouped_form``, as DenseNet's
+concatenating layer does). Anything else raises ``NotImplementedError`` when
 batching is enabled, never during training.
 """
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-
-from .densenet import DenseLayer
 
 STATELESS = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
 
@@ -96,23 +95,21 @@ class GroupedLinear(Grouped):
         return out.transpose(0, 1).reshape(x.shape[0], -1)  # (B, m*out), branch-major
 
 
-class GroupedDenseLayer(nn.Module):
-    """DenseNet's layer: the new channels of branch j go after branch j's own input channels."""
-
-    def __init__(self, members: Sequence[DenseLayer]):
-        super().__init__()
-        self.m = len(members)
-        self.layers = batched_clone([d.layers for d in members])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        new = self.layers(x)
-        joined = torch.cat([x.unflatten(1, (self.m, -1)), new.unflatten(1, (self.m, -1))], dim=2).flatten(1, 2)
-        channels_last = x.is_contiguous(memory_format=torch.channels_last)
-        return joined.contiguous(memory_format=torch.channels_last) if channels_last else joined
+LEAVES = {nn.Conv2d: GroupedConv2d, nn.BatchNorm2d: GroupedBatchNorm2d, nn.Linear: GroupedLinear}
+# a backbone's own block -> its grouped form, declared in the backbone's file with @grouped_form
+FORMS: Dict[type, Callable[[Sequence[nn.Module]], nn.Module]] = {}
 
 
-LEAVES = {nn.Conv2d: GroupedConv2d, nn.BatchNorm2d: GroupedBatchNorm2d, nn.Linear: GroupedLinear,
-          DenseLayer: GroupedDenseLayer}
+def grouped_form(block: type):
+    """Declare how m copies of ``block`` (a backbone's own layer whose ``forward`` does more than
+    call its children, e.g. DenseNet's concatenation) run as one module on channel-stacked input."""
+    def decorator(make: Callable[[Sequence[nn.Module]], nn.Module]):
+        if block in FORMS or block in LEAVES:
+            raise ValueError(f"{block.__name__} has a grouped form already")
+        FORMS[block] = make
+        return make
+
+    return decorator
 
 
 def batched_clone(members: Sequence[nn.Module]) -> nn.Module:
@@ -123,6 +120,8 @@ def batched_clone(members: Sequence[nn.Module]) -> nn.Module:
         raise NotImplementedError("batched branches: the branches differ in structure")
     if kind in LEAVES:
         return LEAVES[kind](members)
+    if kind in FORMS:
+        return FORMS[kind](members)
     if isinstance(first, STATELESS):
         return first  # no state: one instance serves every branch
     has_state = first._parameters or any(b is not None for b in first._buffers.values())

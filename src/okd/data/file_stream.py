@@ -31,7 +31,7 @@ from ..errors import DataError
 from .augment import Normalizer, derive_seed
 from .datasets import FileSplit
 from .images import UnreadableImage, eval_view, pad_crop_flip, read_image, resized_crop_flip
-from .stream import Batch, BatchStream
+from .resident import Batch, BatchStream
 
 VIEW_SEED_TAG = 0xA116  # keeps the per-image seeds apart from the other (seed, epoch, ...) streams
 
