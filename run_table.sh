@@ -30,8 +30,8 @@ if [ ! -f "$config" ]; then
     echo "run_table.sh: no config '$config'; use a dataset with a file in configs/ (cifar10, cifar100)" >&2
     exit 2
 fi
-methods=${METHODS:-vanilla dml cl one ffl okddip kdcl pcl}
-backbones=${BACKBONES:-resnet32 resnet110 vgg16 densenet40_12 wrn20_8}
+methods=${METHODS:-$($PYTHON -m okd.paper --methods)}
+backbones=${BACKBONES:-$($PYTHON -m okd.paper --backbones)}
 gpus=${GPUS-$($PYTHON -c "import torch; print(' '.join(map(str, range(torch.cuda.device_count()))))")}
 overrides=()
 for arg in "$@"; do case $arg in *=*) overrides+=("$arg");; esac; done

@@ -19,7 +19,7 @@ uses by default (``okd.devices.resolve_auto``).
 Hardware use: the FLOPs of one step are counted once (``torch.utils.flop_counter``: forward and
 backward of the peers and the temporal-mean forwards, multiply-add = 2 FLOPs), and every variant's
 achieved TFLOP/s is that count times its measured steps per second, and on a GPU okd knows
-(``okd.devices.PEAK_TFLOPS``: H100, H200, A100) the fraction of the data-sheet dense peak for the
+(``okd.hardware.PEAK_TFLOPS``: H100, H200, A100) the fraction of the data-sheet dense peak for the
 variant's precision: how far the step is from the hardware limit.
 
 What was measured is recorded beside each speed: every variant's ``graph`` (None for a variant without
@@ -51,17 +51,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from okd.checkpoint_policy import CheckpointPolicy  # noqa: E402
 from okd.config import config_from_dict  # noqa: E402
-from okd.devices import device_name, peak_tflops, resolve_auto  # noqa: E402
+from okd.devices import resolve_auto  # noqa: E402
+from okd.hardware import device_name, peak_tflops  # noqa: E402
 from okd.data.datasets import Dataset, Split  # noqa: E402
-from okd.logger import MemoryLogger  # noqa: E402
 from okd.methods.pcl import PCL  # noqa: E402
-from okd.cli import build_run_method  # noqa: E402
+from okd.build import build_run_method, build_trainer  # noqa: E402
 from okd.models import backbone_spec  # noqa: E402
-from okd.run_state import RunState  # noqa: E402
-from okd.step import Optimization  # noqa: E402
-from okd.trainer import Trainer  # noqa: E402
 
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 DEFAULT_FAST = {"cpu": "okd+auto", "cuda": "okd+auto"}
@@ -178,13 +174,12 @@ def okd_trainer(variant, model, batch_size, images_u8, labels, device):
     dataset = Dataset("synthetic", split, Split(images_u8[:10], labels[:10]), [str(i) for i in range(100)],
                       CIFAR100_MEAN, CIFAR100_STD)
     method = build_run_method(cfg, 100, device)  # the run's own builder: seed 0, the variant's settings
-    trainer = Trainer(cfg, method, dataset, device, Optimization.build(cfg, method, device), RunState(),
-                      CheckpointPolicy(None), MemoryLogger())  # keeps the graph's capture line
+    trainer = build_trainer(cfg, method, dataset, device)  # its MemoryLogger keeps the graph's capture line
     state = {"draws": trainer.stream.draws(0), "b": 0, "batches": n // batch_size}
     method.train()
-    method.set_epoch(100)
+    method.kd_scale.fill_(method.options.kd_scale(100) or 0.0)  # a late epoch: the full KD weight
     trainer.meter.load(trainer.state)
-    trainer.step.start(trainer.state)
+    trainer.train_step.start(trainer.state)
 
     def inputs():
         b = state["b"] % state["batches"]
@@ -192,7 +187,8 @@ def okd_trainer(variant, model, batch_size, images_u8, labels, device):
         return trainer.stream.batch(b, state["draws"])
 
     def step():
-        return trainer.run_step(inputs(), 100)
+        batch = inputs()
+        return trainer.step(batch.views, batch.labels)
 
     return step, inputs, trainer
 

@@ -20,10 +20,10 @@ def _fp32_on_every_cpu(tmp_path_factory):
     (A CPU where bf16 is measured faster would otherwise run every CLI test in bf16; the probe
     itself is tested with its own cache.) Subprocesses inherit the variable.
     """
-    from okd import devices
+    from okd import hardware
 
     cache = tmp_path_factory.mktemp("okd_cache")
-    keys = {f"{devices.cpu_name()} | torch {torch.__version__} | threads {n}": 0.0
+    keys = {f"{hardware.cpu_name()} | torch {torch.__version__} | threads {n}": 0.0
             for n in range(1, (os.cpu_count() or 1) + 1)}
     (cache / "cpu_bf16_probe.json").write_text(json.dumps(keys))
     previous = os.environ.get("OKD_CACHE")
@@ -58,13 +58,16 @@ def ListLog():
 
 
 def pcl_train_step(**train):
-    """(TrainStep, its log) of a tiny PCL on CPU, ready for its first step; ``train``: train.* settings."""
+    """(TrainStep, its SyncPolicy with the log in ``.log``) of a tiny PCL on CPU, ready for its first step; ``train``: train.* settings."""
     from okd.config import config_from_dict
     from okd.distributed import DistInfo
     from okd.methods.pcl import PCL
     from okd.models import backbone_spec
-    from okd.run_state import LossMeter, RunState
-    from okd.step import Optimization, TrainStep, training_module
+    from okd.loss_meter import LossMeter
+    from okd.optim import Optimization
+    from okd.run_state import RunState
+    from okd.step import TrainStep, training_module
+    from okd.sync import SyncPolicy
 
     cfg = config_from_dict({"device": "cpu", "model": {"name": "resnet8_tiny"}, "method": {"name": "pcl"},
                             "train": {"precision": "fp32", "batch_size": 4, **train}})
@@ -73,11 +76,13 @@ def pcl_train_step(**train):
     device = torch.device("cpu")
     log = ListLog()
     module = training_module(method, cfg, device, DistInfo())  # the method itself, or torch.compile's
-    step = TrainStep(module, method, Optimization.build(cfg, method, device), LossMeter(device), cfg, device, log)
+    sync = SyncPolicy(cfg, device, log)
+    step = TrainStep(module, method, Optimization.build(cfg, method, device), LossMeter(device), sync.health, cfg,
+                     device, cfg.train.batch_size)
     step.meter.load(RunState())
     step.start(RunState())
-    method.set_epoch(0)
-    return step, log
+    method.kd_scale.fill_(method.options.kd_scale(0))
+    return step, sync
 
 
 def records(run_dir):

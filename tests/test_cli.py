@@ -126,7 +126,7 @@ def test_finished_run_is_skipped_without_loading_data(tmp_path, capsys, monkeypa
     def no_data(*a, **k):
         raise AssertionError("a finished run must not load its dataset")
 
-    monkeypatch.setattr("okd.cli.load_dataset", no_data)
+    monkeypatch.setattr("okd.build.load_dataset", no_data)
     assert main(args(tmp_path, "train.epochs=1")) == 0
     assert "already finished (1/1 epochs)" in capsys.readouterr().out
 

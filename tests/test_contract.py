@@ -67,12 +67,16 @@ def test_kd_weight_is_coefficient_times_rampup(name):
     options = METHODS.get(name).Options()
     method = build_method(name, backbone_spec("resnet8_tiny", CLASSES), CLASSES, options)
     if not isinstance(options, KDOptions):
-        assert method.kd_weight(0) is None
+        assert options.kd_scale(0) is None
         return
+    # the constant factor on the KD terms (docs/methods.md): CL's paper form 1 - beta, KDCL's and OKDDip's kd_weight
+    coefficient = (1.0 - options.beta if options.form == "paper" else 1.0) if name == "cl" else \
+        getattr(options, "kd_weight", 1.0)
     R = options.rampup_epochs
     for epoch in (0, 7, 200):
         ramp = 1.0 if R == 0 else math.exp(-5 * (1 - min(epoch, R) / R) ** 2)
-        assert method.kd_weight(epoch) == pytest.approx(options.kd_coefficient() * ramp, rel=1e-12)
+        assert options.kd_scale(epoch) == pytest.approx(coefficient * ramp, rel=1e-12)
+    assert method.kd_scale.shape == () and "kd_scale" not in method.state_dict()  # filled per epoch, not saved
 
 
 @pytest.mark.parametrize("backbone", BACKBONES.names())

@@ -35,13 +35,13 @@ def run_graphed(n_full=7, device=CUDA1, precision="fp32", **standin):
     step, _ = pcl_train_step(precision=precision)
     log = ListLog()
     graphed, cuda = standin_graphed_step(step, device, log, warmup=3, **standin)
-    losses = [float(graphed(v, y, 0, full=y.numel() == 4)) for v, y in batches(n_full)]
+    losses = [float(graphed(v, y)) for v, y in batches(n_full)]
     return step, graphed, cuda, log, losses
 
 
 def run_eager(n_full=7, precision="fp32"):
     step, _ = pcl_train_step(precision=precision)
-    losses = [float(step(v, y, 0)) for v, y in batches(n_full)]
+    losses = [float(step(v, y)) for v, y in batches(n_full)]
     return step, losses
 
 

@@ -57,7 +57,7 @@ def test_loss_matches_independent_formula(epoch):
     # the logged terms are weighted: they add up to the loss, and the KD weight is the ramp-up's
     recombined = terms["ce_ensemble"] + terms["ce_peers"] + terms["kd_ensemble"] + terms["kd_mean"]
     assert loss.item() == pytest.approx(recombined.item(), rel=1e-6)
-    assert method.kd_weight(epoch) == pytest.approx(math.exp(-5 * (1 - min(epoch, 80) / 80) ** 2), rel=1e-12)
+    assert method.options.kd_scale(epoch) == pytest.approx(math.exp(-5 * (1 - min(epoch, 80) / 80) ** 2), rel=1e-12)
 
 
 def test_two_peers_and_temperature_option():

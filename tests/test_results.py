@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import QUICKSTART, REPO
-from okd import devices
+from okd import devices, hardware
 from okd.cli import main
 from okd.config import load_config
 from okd.paper import PAPER_TOP1, paper_top1
@@ -56,7 +56,7 @@ def test_a_record_is_read_from_the_run_and_never_overwritten(finished_run, tmp_p
     assert (record["method"], record["model"], record["epochs"], record["protocol"], record["seed"]) == \
         ("pcl", "resnet8_tiny", 1, "scaled", 0)
     assert record["wall_seconds"] == 12.5 and record["precision"] in ("fp32", "bf16")  # resolved, not "auto"
-    assert record["device"] == devices.cpu_name() and record["torch"] == torch.__version__
+    assert record["device"] == hardware.cpu_name() and record["torch"] == torch.__version__
     assert record["config"]["train"]["epochs"] == 1 and record["commit"]
 
 
@@ -150,20 +150,20 @@ def test_run_table_spreads_cells_over_parallel_workers(tmp_path):
 def test_device_defaults_on_cpu(monkeypatch, tmp_path):
     cfg = load_config(QUICKSTART)
     monkeypatch.setenv("OKD_CACHE", str(tmp_path))
-    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})
     run, lines = devices.resolve_auto(cfg, torch.device("cpu"))
     assert (run.train.precision, run.train.channels_last, run.train.batched_branches, run.train.cuda_graphs,
             run.method.fused_views) == ("fp32", True, False, False, False)
     assert cfg.train.precision == "auto" and cfg.train.channels_last is None  # what was asked stays
     assert "device defaults: precision fp32" in lines[0]
     # with native bf16 the probe decides, once per CPU model / torch / threads (then from the cache)
-    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512_bf16"})
     probes = []
-    monkeypatch.setattr(devices, "_probe_bf16", lambda: probes.append(1) or 2.0)
+    monkeypatch.setattr(hardware, "_probe_bf16", lambda: probes.append(1) or 2.0)
     assert devices.resolve_auto(cfg, torch.device("cpu"))[0].train.precision == "bf16"
     assert devices.resolve_auto(cfg, torch.device("cpu"))[0].train.precision == "bf16" and len(probes) == 1
     (tmp_path / "cpu_bf16_probe.json").unlink()
-    monkeypatch.setattr(devices, "_probe_bf16", lambda: 1.05)  # not clearly faster: stay in fp32
+    monkeypatch.setattr(hardware, "_probe_bf16", lambda: 1.05)  # not clearly faster: stay in fp32
     assert devices.resolve_auto(cfg, torch.device("cpu"))[0].train.precision == "fp32"
     # explicit values are never changed
     explicit = load_config(QUICKSTART, ["train.precision=fp16", "train.channels_last=false"])
@@ -177,7 +177,7 @@ def test_a_run_written_with_explicit_values_resumes_under_auto(tmp_path, monkeyp
     # the same experiment under the defaults, on a CPU where auto means fp32 + channels_last
     monkeypatch.setenv("OKD_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
-    key = f"{devices.cpu_name()} | torch {torch.__version__} | threads {torch.get_num_threads()}"
+    key = f"{hardware.cpu_name()} | torch {torch.__version__} | threads {torch.get_num_threads()}"
     (tmp_path / "cache" / "cpu_bf16_probe.json").write_text(json.dumps({key: 0.5}))
     assert main([*QUICK, "train.epochs=2", f"output.root={tmp_path}", "--save_dir", "old"]) == 0
     lines = (tmp_path / "old" / "log.txt").read_text()
@@ -185,7 +185,7 @@ def test_a_run_written_with_explicit_values_resumes_under_auto(tmp_path, monkeyp
 
 
 def test_peak_tflops_of_known_gpus_from_their_data_sheets():
-    assert devices.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
-    assert devices.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0  # not the SXM figure
-    assert devices.peak_tflops("NVIDIA H200", "fp32") == 67.0
-    assert devices.peak_tflops("Intel(R) Xeon(R) Processor", "fp32") is None
+    assert hardware.peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert hardware.peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0  # not the SXM figure
+    assert hardware.peak_tflops("NVIDIA H200", "fp32") == 67.0
+    assert hardware.peak_tflops("Intel(R) Xeon(R) Processor", "fp32") is None

@@ -142,7 +142,7 @@ def test_damaged_last_falls_back_to_previous(tmp_path, capsys):
     assert checkpoint_file.load(prev)["epoch"] == 1 and checkpoint_file.load(last)["epoch"] == 2
     data = last.read_bytes()
     last.write_bytes(data[: len(data) // 2])  # truncated, as by a full disk
-    with pytest.raises(checkpoint.CheckpointError, match="truncated"):
+    with pytest.raises(checkpoint_file.CheckpointError, match="truncated"):
         checkpoint_file.load(last)
     capsys.readouterr()
     # rerunning continues from the previous good checkpoint, with a warning naming the bad file
@@ -158,7 +158,7 @@ def test_flipped_byte_is_a_checksum_error(tmp_path):
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(checkpoint.CheckpointError, match="checksum mismatch"):
+    with pytest.raises(checkpoint_file.CheckpointError, match="checksum mismatch"):
         checkpoint_file.load(path)
 
 

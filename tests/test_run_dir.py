@@ -85,7 +85,7 @@ def test_torchrun_ranks_all_stop_when_the_run_directory_is_busy(tmp_path):
 
 def disk_full_after(monkeypatch, writes_ok):
     """Let ``writes_ok`` checkpoint writes through, then fail the next ones half-way with ENOSPC."""
-    real = checkpoint._write
+    real = checkpoint_file._write
     calls = {"n": 0}
 
     def write(fh, header, payload):
@@ -96,7 +96,7 @@ def disk_full_after(monkeypatch, writes_ok):
         fh.write(bytes(payload[: len(payload) // 2]))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "_write", write)
+    monkeypatch.setattr(checkpoint_file, "_write", write)
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):

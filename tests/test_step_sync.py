@@ -11,15 +11,21 @@ from okd.config import config_from_dict
 from okd.errors import OkdError
 from okd.methods.pcl import PCL
 from okd.models import backbone_spec
-from okd.run_state import LossMeter, RunState
-from okd.step import Optimization, TrainStep
+from okd.loss_meter import LossMeter
+from okd.run_state import RunState
+from okd.optim import Optimization
+from okd.step import TrainStep
+from okd.sync import StepHealth
+from okd.distributed import DistInfo
 
 QUICK = ["--config", QUICKSTART, "device=cpu", "data.train_subset=256", "train.batch_size=64"]
 
 
 def build(precision="fp32", nonfinite="skip"):
-    step, log = pcl_train_step(precision=precision, nonfinite=nonfinite)
-    return step, step.method, step.opt, log
+    step, sync = pcl_train_step(precision=precision, nonfinite=nonfinite)
+    step.method.kd_scale.fill_(step.method.options.kd_scale(10))  # epoch 10 of the ramp-up
+    step.sync = sync  # what the tests' sync points read
+    return step, step.method, step.opt, sync.log
 
 
 def snapshot(method, optimization, step):
@@ -45,10 +51,10 @@ def poison(method, where="kd_mean"):
 def test_a_nonfinite_step_changes_no_weight_momentum_mean_or_sum(precision):
     step, method, optimization, log = build(precision)
     views, labels = random_batch(3, batch=4)
-    step(views, labels, 10)  # a good step first: momentum buffers and the temporal mean are non-trivial
+    step(views, labels)  # a good step first: momentum buffers and the temporal mean are non-trivial
     before = snapshot(method, optimization, step)
     original = poison(method)
-    step(views, labels, 10)
+    step(views, labels)
     after = snapshot(method, optimization, step)
     # BatchNorm running statistics do move (the forward ran); everything the step applies does not
     moved = [k for k in before if not torch.equal(before[k], after[k]) and "running_" not in k
@@ -56,11 +62,11 @@ def test_a_nonfinite_step_changes_no_weight_momentum_mean_or_sum(precision):
     assert moved == []
     # the host hears of it at the next sync point, with the step's index and its bad term
     state = RunState(step=2, batch_in_epoch=2)
-    step.check(state, epoch=0, stop_requested=False)
+    step.sync.check(state, 0, False, step.names)
     assert state.skipped_steps == 1
     assert log.lines and "non-finite loss at step 2 (epoch 1, batch 2) in term(s) total, kd_mean" in log.lines[-1]
     method.forward_train = original
-    step(views, labels, 10)  # and training goes on
+    step(views, labels)  # and training goes on
     assert not torch.equal(snapshot(method, optimization, step)["sums"], after["sums"])
 
 
@@ -70,9 +76,9 @@ def test_the_first_step_can_be_skipped_without_corrupting_momentum():
     views, labels = random_batch(3, batch=4)
     reference = copy.deepcopy(method)
     original = poison(method)
-    step(views, labels, 10)
+    step(views, labels)
     method.forward_train = original
-    step(views, labels, 10)
+    step(views, labels)
     # the one applied step equals plain SGD's first step from the same weights
     opt = torch.optim.SGD(reference.parameter_groups(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     reference.train()
@@ -90,13 +96,13 @@ def test_the_first_step_can_be_skipped_without_corrupting_momentum():
 def test_stop_policy_raises_at_the_next_sync_point_naming_the_first_bad_step():
     step, method, optimization, _ = build(nonfinite="stop")
     views, labels = random_batch(3, batch=4)
-    step(views, labels, 10)
+    step(views, labels)
     poison(method, "ce_peers")
-    step(views, labels, 10)
-    step(views, labels, 10)
+    step(views, labels)
+    step(views, labels)
     with pytest.raises(OkdError, match=r"non-finite loss at step 2 \(epoch 1, batch 2\) in term\(s\) total, "
                                        r"ce_peers and 1 later step\(s\); the last good checkpoint is kept"):
-        step.check(RunState(step=3, batch_in_epoch=3), epoch=0, stop_requested=False)
+        step.sync.check(RunState(step=3, batch_in_epoch=3), 0, False, step.names)
 
 
 def test_deferred_reads_give_the_same_run_as_reads_every_step(tmp_path, monkeypatch):
@@ -131,12 +137,12 @@ def test_the_cuda_step_loop_never_synchronises(graphs):
     device = torch.device("cuda")
     torch.manual_seed(0)
     method = PCL(backbone_spec("resnet8_tiny", 10), 10, cfg.method).to(device).train()
-    step = TrainStep(method, method, Optimization.build(cfg, method, device), LossMeter(device), cfg, device, ListLog())
+    step = TrainStep(method, method, Optimization.build(cfg, method, device), LossMeter(device),
+                     StepHealth(device, DistInfo()), cfg, device)
     step.meter.load(RunState())
     step.start(RunState())
     views = [torch.randn(8, 3, 32, 32, device=device) for _ in range(3)]
     labels = torch.randint(0, 10, (8,), device=device)
-    method.set_epoch(0)
     run = step
     if graphs:
         from okd.cuda_graph import GraphedStep

@@ -22,7 +22,8 @@ from okd.config import DataConfig
 from okd.data import EpochDraws, Normalizer, load_dataset
 from okd.data.images import (UnreadableImage, eval_view, pad_crop_flip, read_image, resized_crop_box,
                              resized_crop_flip)
-from okd.data.file_stream import StreamBatches, epoch_order
+from okd.data import epoch_order
+from okd.data.file_stream import StreamBatches
 from okd.distributed import DistInfo
 from okd.errors import DataError
 from conftest import REPO, make_imagenet_tree, make_tiny_tree, records, synthetic_image
@@ -137,7 +138,7 @@ def test_stream_is_the_same_with_any_workers_and_resumes_mid_epoch(imagenet_tree
 
 def test_stream_order_is_the_resident_order_and_covers_every_image(imagenet_tree):
     stream = stream_of(imagenet_tree)
-    order = epoch_order(18, 7, 3)
+    order, _ = epoch_order(18, 7, 3)
     assert torch.equal(order, EpochDraws(18, 3, 4, True, 7, 3).order)
     labels = torch.cat([b[2] for b in collect(stream, 3)])
     data = load_dataset(DataConfig(name="imagenet", root=str(imagenet_tree)))
@@ -282,7 +283,7 @@ def test_one_epoch_on_each_layout_trains_and_reports(tmp_path, imagenet_tree):
 def test_unreadable_image_mid_epoch_is_one_line_and_keeps_the_progress(tmp_path, capsys):
     root = make_imagenet_tree(tmp_path / "in", sizes=(40, 60))
     data = load_dataset(DataConfig(name="imagenet", root=str(root)))
-    bad_index = int(epoch_order(18, 0, 0)[13])  # in batch 3 of epoch 1 (batch 6)
+    bad_index = int(epoch_order(18, 0, 0)[0][13])  # in batch 3 of epoch 1 (batch 6)
     bad = data.train.path(bad_index)
     with open(bad, "r+b") as fh:
         fh.truncate(40)
@@ -346,7 +347,7 @@ def test_two_process_gloo_counts_every_streamed_val_image_once(tmp_path):
     assert record["val"]["count"] == 15
     assert record["distributed"] == {"world_size": 2, "ranks_in_sync": True}
     # the summed hits are those of one process evaluating the same weights on all 15 images
-    from okd.cli import build_run_method
+    from okd.build import build_run_method
     from okd.config import load_config
     from okd.evaluate import test_set
 

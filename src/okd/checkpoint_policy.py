@@ -20,7 +20,7 @@ from .errors import CheckpointError
 from .methods import Method
 from .provenance import environment
 from .run_state import RunState
-from .step import Optimization
+from .optim import Optimization
 
 
 class CheckpointPolicy:

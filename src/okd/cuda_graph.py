@@ -6,7 +6,7 @@ fused SGD, the temporal-mean update and the loss sums of one full batch into a
 ``torch.cuda.CUDAGraph`` and replays it for every later full batch, after
 copying the batch into the graph's static input tensors. Nothing the step
 reads from the host can change between replays: the learning rate, the
-distillation weight and the temporal-mean decay are device tensors updated in
+distillation ramp-up and the temporal-mean decay are device tensors updated in
 place (see ``okd.step``), so one capture serves the whole run.
 
 Order of work, so that every batch is trained exactly once:
@@ -113,19 +113,20 @@ class GraphedStep:
         with cuda.device(device):
             self.side = cuda.Stream(device)
 
-    def __call__(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int, full: bool) -> torch.Tensor:
+    def __call__(self, views: List[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        full = labels.shape[0] == self.step.batch_size  # the epoch's last batch may be smaller: eager
         if not (self.enabled and full):
             with self.memory():
-                return self.step(views, labels, epoch)
+                return self.step(views, labels)
         if self.graph is not None and self.fits(views, labels):
             return self.replay(views, labels)
         if self.warmup_left > 0:
             self.warmup_left -= 1
-            return self.eager_on_side_stream(views, labels, epoch)
+            return self.eager_on_side_stream(views, labels)
         if self.graph is None:
-            return self.capture_and_check(views, labels, epoch)
+            return self.capture_and_check(views, labels)
         with self.memory():  # a full batch of another layout than the captured one
-            return self.step(views, labels, epoch)
+            return self.step(views, labels)
 
     @property
     def captured(self) -> bool:
@@ -163,24 +164,24 @@ class GraphedStep:
                                   f"({type(exc).__name__}: {first_line(exc)}); it allocates beside it")
             yield
 
-    def eager_on_side_stream(self, views, labels, epoch: int) -> torch.Tensor:
+    def eager_on_side_stream(self, views, labels) -> torch.Tensor:
         self.side.wait_stream(self.cuda.current_stream(self.device))
         with self.cuda.stream(self.side):
             if self.checked_sync:
-                loss = self.step(views, labels, epoch)
+                loss = self.step(views, labels)
             else:
-                loss = self.step_checking_syncs(views, labels, epoch)
+                loss = self.step_checking_syncs(views, labels)
         self.cuda.current_stream(self.device).wait_stream(self.side)
         return loss
 
-    def step_checking_syncs(self, views, labels, epoch: int) -> torch.Tensor:
+    def step_checking_syncs(self, views, labels) -> torch.Tensor:
         self.checked_sync = True
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             previous = self.cuda.get_sync_debug_mode()
             self.cuda.set_sync_debug_mode("warn")
             try:
-                loss = self.step(views, labels, epoch)
+                loss = self.step(views, labels)
             finally:
                 self.cuda.set_sync_debug_mode(previous)
         syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
@@ -197,7 +198,7 @@ class GraphedStep:
         torch.set_rng_state(rng[0])
         self.cuda.set_rng_state(rng[1], self.device)
 
-    def capture_and_check(self, views, labels, epoch: int) -> torch.Tensor:
+    def capture_and_check(self, views, labels) -> torch.Tensor:
         """Capture the step on this batch, replay it once, then train the batch eagerly from the same
         state; keep the graph only if the replay agreed. Returns the eager step's loss."""
         named = self.step.state_tensors()
@@ -207,17 +208,17 @@ class GraphedStep:
         self.static_views = [v.clone() for v in views]
         self.static_labels = labels.clone()
         try:
-            graph = self.record(epoch)
+            graph = self.record()
             self.set_rng_state(before.rng)
             graph.replay()
             self.cuda.synchronize(self.device)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
             self.restore(before, tensors)
             self.disable(f"capture failed ({type(exc).__name__}: {first_line(exc)})")
-            return self.step(views, labels, epoch)
+            return self.step(views, labels)
         replayed = [t.detach().clone() for t in tensors]
         self.restore(before, tensors)
-        loss = self.step(views, labels, epoch)  # the batch is trained once, by the eager step
+        loss = self.step(views, labels)  # the batch is trained once, by the eager step
         gap = relative_gap(replayed, before.tensors, tensors, groups)
         del replayed, before
         if not gap <= self.tolerance:  # nan too
@@ -229,7 +230,7 @@ class GraphedStep:
                       f"the eager step to {gap:.1e})")
         return loss
 
-    def record(self, epoch: int):
+    def record(self):
         """Capture the step on the static tensors (executes nothing) on the run's device and side stream."""
         cuda = self.cuda
         if self.pool is None and self.pool_for_eager:
@@ -242,7 +243,7 @@ class GraphedStep:
             with cuda.device(self.device), cuda.stream(self.side):
                 self.begin(graph)
                 try:
-                    self.static_loss = self.step(self.static_views, self.static_labels, epoch)
+                    self.static_loss = self.step(self.static_views, self.static_labels)
                 except BaseException:
                     with contextlib.suppress(Exception):
                         graph.capture_end()  # leave capture mode; the step's error is the one to report

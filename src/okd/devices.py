@@ -2,7 +2,7 @@
 
 The config says what the user asked for; ``resolve_auto`` returns the copy the
 run uses, with every automatic choice made for the device, and a line for the
-log. Choices (measured with ``benchmarks/throughput.py``, see the README):
+log. Choices (measured with ``benchmarks/throughput.py``, see docs/speed.md):
 
 * CUDA, one process: bf16 autocast (where the GPU has bf16), channels_last,
   PCL's fused views, batched branches and the whole step as a CUDA graph.
@@ -22,124 +22,16 @@ log. Choices (measured with ``benchmarks/throughput.py``, see the README):
 from __future__ import annotations
 
 import copy
-import json
-import os
-import platform
-import time
-from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
-from torch import nn
 
+from . import hardware
 from .config import Config
 from .distributed import DistInfo
+from .errors import ConfigError
 
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 PROBE_MIN_SPEEDUP = 1.15  # bf16 must beat fp32 clearly: a close call is not worth the rounding
-
-
-def cpu_name() -> str:
-    for line in _cpuinfo().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def cpu_flags() -> set:
-    for line in _cpuinfo().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
-def device_name(device: torch.device) -> str:
-    """The name torch reports for a CUDA device, else the CPU's model name."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-
-
-# Dense peak TFLOP/s from the vendors' data sheets (tensor cores for bf16/fp16; fp32 without TF32),
-# matched by a substring of the name torch reports; the first match wins.
-PEAK_TFLOPS = (
-    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
-    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),  # SXM / HBM3
-    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
-)
-
-
-def peak_tflops(name: str, precision: str) -> Optional[float]:
-    """The device's dense peak for ``precision`` if okd knows the device, else None."""
-    for key, peaks in PEAK_TFLOPS:
-        if key in name:
-            return peaks.get(precision)
-    return None
-
-
-def cpu_has_native_bf16() -> bool:
-    return bool(cpu_flags() & set(BF16_FLAGS))
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("OKD_CACHE") or Path.home() / ".cache" / "okd")
-
-
-def cpu_bf16_speedup() -> float:
-    """fp32 time / bf16 time of a small ResNet step on this CPU (cached; see the module docstring)."""
-    threads = torch.get_num_threads()
-    key = f"{cpu_name()} | torch {torch.__version__} | threads {threads}"
-    path = cache_dir() / "cpu_bf16_probe.json"
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if key in cached:
-        return float(cached[key])
-    speedup = _probe_bf16()
-    cached[key] = speedup
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cached, indent=1))
-    except OSError:
-        pass  # an unwritable cache only means probing again next time
-    return speedup
-
-
-def _probe_bf16() -> float:
-    """About half a second: forward + backward of a CIFAR ResNet-like stack, fp32 and bf16 interleaved."""
-    rng_state = torch.get_rng_state()
-    gen = torch.Generator().manual_seed(0)
-    layers: List[nn.Module] = [nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
-    for cin, cout, stride in ((16, 16, 1), (16, 32, 2), (32, 64, 2)):
-        layers += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                   nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-    net = net.to(memory_format=torch.channels_last)
-    x = torch.randn(64, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (64,), generator=gen)
-
-    def step(bf16: bool) -> float:
-        start = time.perf_counter()
-        for _ in range(2):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = nn.functional.cross_entropy(net(x), y)
-            loss.backward()
-        return time.perf_counter() - start
-
-    step(False), step(True)  # warm-up: oneDNN primitive creation
-    times = {False: [], True: []}
-    for _ in range(3):
-        for bf16 in (False, True):
-            times[bf16].append(step(bf16))
-    torch.set_rng_state(rng_state)
-    return sorted(times[False])[1] / sorted(times[True])[1]
 
 
 def resolve_auto(cfg: Config, device: torch.device, dist: DistInfo = DistInfo()) -> Tuple[Config, List[str]]:
@@ -150,8 +42,8 @@ def resolve_auto(cfg: Config, device: torch.device, dist: DistInfo = DistInfo())
     if t.precision == "auto":
         if cuda:
             t.precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        elif cpu_has_native_bf16():
-            speedup = cpu_bf16_speedup()
+        elif hardware.cpu_has_native_bf16():
+            speedup = hardware.cpu_bf16_speedup()
             t.precision = "bf16" if speedup >= PROBE_MIN_SPEEDUP else "fp32"
             notes.append(f"bf16/fp32 speed {speedup:.2f}x on this CPU")
         else:
@@ -169,3 +61,35 @@ def resolve_auto(cfg: Config, device: torch.device, dist: DistInfo = DistInfo())
     if hasattr(run.method, "fused_views"):
         chosen.append(f"method.fused_views {run.method.fused_views}")
     return run, [f"device defaults: {', '.join(chosen)}" + (f" ({'; '.join(notes)})" if notes else "")]
+
+
+def resolve_device(name: str, dist: DistInfo = DistInfo()) -> torch.device:
+    if dist.enabled and name in ("auto", "cuda") and torch.cuda.is_available():
+        # torchrun: one GPU per process
+        if dist.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"torchrun started more processes per node than the {torch.cuda.device_count()} "
+                              f"GPU(s) here; lower --nproc_per_node")
+        return torch.device("cuda", dist.local_rank)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device '{name}' requested but CUDA is not available here; use device=cpu or auto")
+        if dist.enabled:
+            raise ConfigError(f"device '{name}' under torchrun: use device=cuda (process r takes cuda:LOCAL_RANK)")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device '{name}' requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return torch.device(name)
+
+
+def use_cuda_device(device: torch.device) -> None:
+    """Make the run's GPU the current one and let cuDNN pick its fastest kernels.
+
+    Everything that uses the *current* device follows the run's: the capture stream of a
+    CUDA graph, the DataLoader's pin-memory thread, NCCL, cuBLAS handles. Without it a run
+    on cuda:1 (or torchrun rank 1) opens a context on GPU 0 and its graph records nothing.
+    Every full batch has one shape, so cuDNN's autotuner (``cudnn.benchmark``) pays once.
+    """
+    torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True

@@ -1,26 +1,19 @@
-"""Run outputs: plain-text log, JSON-lines metrics, TensorBoard scalars, progress.
+"""Run outputs: plain-text log, the metrics file (``okd.metrics``), TensorBoard scalars, progress.
 
 All scalars go through ``RunLogger`` under stable names: ``train/loss/<term>``,
 ``train/kd_weight``, ``train/lr``, ``val/acc/<model>`` (top-1), ``val/acc5/<model>``
 (top-5) and ``val/summary/<key>``. The TensorBoard step and the JSON ``epoch``
 field are the number of completed epochs (1-based).
-
-``metrics.jsonl`` format versions (field ``metrics_version``; absent = 1):
-1. ``train.loss.<term>`` are the method's raw terms before their weights, so
-   they do not add up to ``train.loss.total``;
-2. ``train.loss.<term>`` are the weighted terms (ramp-up and coefficients
-   applied), summing to ``train.loss.total``; ``train.kd_weight`` is the factor
-   on the distillation terms in that epoch (null for methods without KD).
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from . import metrics
 
 def text_logger(log_file: Path) -> logging.Logger:
     logger = logging.getLogger(f"okd.run.{log_file}")
@@ -39,40 +32,23 @@ def text_logger(log_file: Path) -> logging.Logger:
     return logger
 
 
-METRICS_VERSION = 2
-
-
 class RunLogger:
     def __init__(self, run_dir: Path, resume_epoch: int):
         self.run_dir = Path(run_dir)
         self.text = text_logger(self.run_dir / "log.txt")
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self._truncate_metrics(resume_epoch)
+        self.metrics_path = self.run_dir / metrics.FILE
+        metrics.truncate(self.metrics_path, resume_epoch)
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events a killed run wrote after its last checkpoint
         self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_epoch + 1 if resume_epoch else None)
-
-    def _truncate_metrics(self, resume_epoch: int) -> None:
-        """Keep only records of epochs covered by the checkpoint we resume from."""
-        if not self.metrics_path.exists():
-            return
-        kept = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                if json.loads(line)["epoch"] <= resume_epoch:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue
-        self.metrics_path.write_text("".join(k + "\n" for k in kept))
 
     def info(self, msg: str) -> None:
         self.text.info(msg)
 
     def epoch_record(self, record: Dict) -> None:
         epoch = record["epoch"]
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        metrics.append(self.metrics_path, record)
         for term, value in record.get("train", {}).get("loss", {}).items():
             self.tb.add_scalar(f"train/loss/{term}", value, epoch)
         if record.get("train", {}).get("kd_weight") is not None:

@@ -1,8 +1,17 @@
-"""The published top-1 accuracies okd reproduces: PCL's comparison table (docs/methods.md §10)."""
-from typing import Dict, Optional, Tuple
+"""The published top-1 accuracies okd reproduces: PCL's comparison table (docs/methods.md §10).
+
+Its rows and columns are written here once; the report, the planner and
+``run_table.sh`` read them (the script through ``python -m okd.paper --methods``
+/ ``--backbones``). A method or backbone not in the paper's table goes after
+these, by name.
+"""
+import argparse
+import sys
+from typing import Dict, List, Optional, Tuple
 
 METHOD_COLUMNS = ("dml", "cl", "one", "ffl", "okddip", "kdcl", "pcl")
 BACKBONE_ROWS = ("resnet32", "resnet110", "vgg16", "densenet40_12", "wrn20_8")
+TABLE_METHODS = ("vanilla", *METHOD_COLUMNS)  # the table's columns: the baseline, then the paper's
 
 _TABLE = {
     "cifar100": """
@@ -32,3 +41,17 @@ def paper_top1(dataset: str, backbone: str, method: str) -> Optional[float]:
     """The published number for a cell; CIFAR-10 in an ImageFolder copy counts as cifar10."""
     dataset = "cifar10" if dataset in ("cifar10", "imagefolder_cifar10") else dataset
     return PAPER_TOP1.get((dataset, backbone, method))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m okd.paper", description="The paper's table: its columns and rows.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--methods", action="store_true", help="the table's methods, space-separated")
+    which.add_argument("--backbones", action="store_true", help="the table's backbones, space-separated")
+    args = p.parse_args(argv)
+    print(" ".join(TABLE_METHODS if args.methods else BACKBONE_ROWS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

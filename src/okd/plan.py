@@ -26,11 +26,9 @@ import torch
 
 from .config import Config, load_config
 from .errors import OkdError
-from .report import median_img_per_s, read_metrics
+from .metrics import median_img_per_s, read_metrics
+from .paper import BACKBONE_ROWS, TABLE_METHODS
 
-TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "imagefolder": 50_000, "digits": 1_438}
-DEFAULT_METHODS = ("vanilla", "dml", "cl", "one", "ffl", "okddip", "kdcl", "pcl")
-DEFAULT_BACKBONES = ("resnet32", "resnet110", "vgg16", "densenet40_12", "wrn20_8")
 
 
 @dataclass
@@ -65,39 +63,50 @@ def measured_speed(path: Path) -> Tuple[int, Optional[float]]:
     return max(int(r["epoch"]) for r in records), median_img_per_s(records)
 
 
-def probe_speed(cfg: Config, backbone: str, method: str, device: torch.device, steps: int = 6) -> float:
+def probe_speed(cfg: Config, backbone: str, method: str, device: torch.device, num_classes: int,
+                steps: int = 6) -> float:
     """Training img/s of ``method`` on ``backbone`` here, with the device's default settings."""
-    from .cli import build_run_method
+    from .build import build_run_method, build_step
     from .config import config_from_dict
     from .devices import resolve_auto
-    from .run_state import LossMeter
-    from .step import Optimization, TrainStep
 
     tree = cfg.to_dict()
     tree["model"]["name"] = backbone
     tree["method"] = {"name": method}
     run_cfg, _ = resolve_auto(config_from_dict(tree), device)
-    classes = 100 if cfg.data.name == "cifar100" else 10
-    model = build_run_method(run_cfg, classes, device).train()
-    step = TrainStep(model, model, Optimization.build(run_cfg, model, device), LossMeter(device), run_cfg, device,
-                     log=None)
+    model = build_run_method(run_cfg, num_classes, device).train()
+    step = build_step(run_cfg, model, device)
     b = run_cfg.train.batch_size
     fmt = torch.channels_last if run_cfg.train.channels_last else torch.contiguous_format
     views = [torch.randn(b, 3, 32, 32, device=device).contiguous(memory_format=fmt) for _ in range(model.num_views)]
-    labels = torch.randint(0, classes, (b,), device=device)
+    labels = torch.randint(0, num_classes, (b,), device=device)
     for _ in range(2):  # warm-up
-        step(views, labels, 0)
+        step(views, labels)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
     for _ in range(steps):
-        step(views, labels, 0)
+        step(views, labels)
     sync()
     return steps * b / (time.perf_counter() - start)
 
 
+def dataset_size(data_cfg) -> Tuple[int, int]:
+    """(training images, classes) of the table's dataset: what its registration declares, else
+    counted by loading it (an image folder); ``train_subset`` caps the images."""
+    from .data import DATASETS, load_dataset
+
+    meta = DATASETS.meta(data_cfg.name)
+    if "train_images" in meta and "num_classes" in meta:
+        images, classes = meta["train_images"], meta["num_classes"]
+    else:
+        dataset = load_dataset(data_cfg)
+        images, classes = len(dataset.train), dataset.num_classes
+    return (min(images, data_cfg.train_subset) if data_cfg.train_subset else images), classes
+
+
 def plan(cfg: Config, backbones: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
-         measure: bool, device: torch.device, name: Optional[str] = None) -> List[Cell]:
+         measure: bool, device: torch.device, name: Optional[str] = None, num_classes: int = 10) -> List[Cell]:
     root, name = Path(cfg.output.root), name or cfg.data.name
     cells = [Cell(b, m, s, cfg.train.epochs) for b in backbones for m in methods for s in seeds]
     by_pair: Dict[Tuple[str, str], Tuple[float, str]] = {}  # (speed, where it comes from)
@@ -109,7 +118,8 @@ def plan(cfg: Config, backbones: Sequence[str], methods: Sequence[str], seeds: S
     for cell in cells:
         pair = (cell.backbone, cell.method)
         if cell.img_per_s is None and pair not in by_pair and measure and cell.done < cell.epochs:
-            by_pair[pair] = (probe_speed(cfg, cell.backbone, cell.method, device), f"measured on {device.type}")
+            by_pair[pair] = (probe_speed(cfg, cell.backbone, cell.method, device, num_classes),
+                              f"measured on {device.type}")
         if cell.img_per_s is None and pair in by_pair:
             cell.img_per_s, cell.source = by_pair[pair]
     return cells
@@ -152,8 +162,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--name", help="the table's name in run directories <name>_<backbone>_<method>_seed<seed> "
                                   "(default: data.name)")
     p.add_argument("--seeds", default="0", help='space-separated seeds, e.g. "0 1 2"')
-    p.add_argument("--methods", default=" ".join(DEFAULT_METHODS))
-    p.add_argument("--backbones", default=" ".join(DEFAULT_BACKBONES))
+    p.add_argument("--methods", default=" ".join(TABLE_METHODS))
+    p.add_argument("--backbones", default=" ".join(BACKBONE_ROWS))
     p.add_argument("--gpus", type=int, default=0, help="GPUs the table is spread over (default: all here, else 1)")
     p.add_argument("--measure", action="store_true", help="time a few steps of cells without a measured speed")
     p.add_argument("--device", default="auto")
@@ -164,9 +174,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                               "cpu" if args.device == "auto" else args.device)
         gpus = args.gpus or max(1, torch.cuda.device_count())
+        images, classes = dataset_size(cfg.data)
         cells = plan(cfg, args.backbones.split(), args.methods.split(), [int(s) for s in args.seeds.split()],
-                     args.measure, device, args.name)
-        images = cfg.data.train_subset or TRAIN_IMAGES.get(cfg.data.name, 50_000)
+                     args.measure, device, args.name, classes)
         print(report(cells, args.name or cfg.data.name, images, gpus))
     except OkdError as exc:
         print(f"okd-plan: error: {exc}", file=sys.stderr)

@@ -35,15 +35,12 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .checkpoint_policy import CheckpointPolicy
 from .config import config_from_dict
 from .cuda_graph import relative_gap
 from .data import load_dataset
-from .devices import device_name, resolve_auto
+from .devices import resolve_auto
+from .hardware import device_name
 from .logger import MemoryLogger
-from .run_state import RunState
-from .step import Optimization
-from .trainer import Trainer
 
 AGREE_TOLERANCE = 0.05  # graphed vs eager after two epochs, relative to how far the weights moved
 BATCH, FULL_BATCHES, PARTIAL = 32, 4, 20  # per epoch: warm-up 3, capture 1, then a partial batch
@@ -124,13 +121,12 @@ def config(device: torch.device, data: Dict, graphs: bool):
 
 def train(cfg, dataset, device: torch.device, graphed_step=None):
     """Two epochs of the real trainer, writing nothing; (trainer, initial weights, log, seconds)."""
-    from .cli import build_run_method
+    from .build import build_run_method, build_trainer
 
     method = build_run_method(cfg, dataset.num_classes, device, image_size=dataset.image_size)
     initial = [t.detach().clone() for t in method.state_dict().values()]
     log = MemoryLogger()
-    trainer = Trainer(cfg, method, dataset, device, Optimization.build(cfg, method, device), RunState(),
-                      CheckpointPolicy(None), log, graphed_step=graphed_step)
+    trainer = build_trainer(cfg, method, dataset, device, log, graphed_step=graphed_step)
     clock = time.perf_counter()
     trainer.fit()
     if device.type == "cuda":
@@ -190,7 +186,7 @@ def sync_check(trainer, graphed, replays: int = 5) -> Dict:
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(replays):
-            trainer.run_step(batch, 2)
+            trainer.step(batch.views, batch.labels)
         out["no_host_sync"], out["sync_error"] = True, None
     except RuntimeError as exc:
         out["no_host_sync"], out["sync_error"] = False, str(exc).splitlines()[0]
@@ -200,7 +196,7 @@ def sync_check(trainer, graphed, replays: int = 5) -> Dict:
     partial = next(b for b in trainer.stream.epoch(2) if b.labels.shape[0] != trainer.stream.batch_size)
     torch.cuda.synchronize()
     reserved = torch.cuda.memory_reserved()
-    trainer.run_step(partial, 2)
+    trainer.step(partial.views, partial.labels)
     with graphed.memory():
         trainer.test.evaluate(trainer.method)
     torch.cuda.synchronize()
@@ -266,7 +262,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not torch.cuda.is_available():
             print(f"preflight: error: device {name} asked for but CUDA is not available here", file=sys.stderr)
             return 2
-        from .cli import use_cuda_device
+        from .devices import use_cuda_device
 
         use_cuda_device(device)
     report = run(device, args.workers)

@@ -8,7 +8,7 @@ from typing import Dict
 
 import torch
 
-from .devices import device_name
+from .hardware import device_name
 
 
 @functools.lru_cache(maxsize=1)

@@ -17,114 +17,23 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
-import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-import yaml
+from .methods import METHODS
+from .paper import BACKBONE_ROWS, TABLE_METHODS, paper_top1
+from .results import read_records
+from .runs import ReportError, Run, find_run_dirs, read_run
 
-# the papers' order; anything else follows alphabetically
-BACKBONE_ORDER = ["resnet32", "resnet110", "vgg16", "densenet40_12", "wrn20_8"]
-METHOD_ORDER = ["vanilla", "dml", "cl", "one", "ffl", "okddip", "kdcl", "pcl"]
-METHOD_TITLES = {"vanilla": "Vanilla", "dml": "DML", "cl": "CL", "one": "ONE", "ffl": "FFL-S",
-                 "okddip": "OKDDip", "kdcl": "KDCL", "pcl": "PCL"}
 MISSING = "—"
 
 
-class ReportError(Exception):
-    pass
-
-
-@dataclass
-class Run:
-    path: Path
-    dataset: str
-    backbone: str
-    method: str
-    seed: int
-    epochs: int  # configured
-    curve: List[Tuple[int, float]] = field(default_factory=list)  # (epoch, reported accuracy)
-
-    @property
-    def finished(self) -> bool:
-        return bool(self.curve) and self.curve[-1][0] >= self.epochs
-
-    @property
-    def best(self) -> float:
-        return max(v for _, v in self.curve)
-
-    @property
-    def last(self) -> float:
-        return self.curve[-1][1]
-
-
-def find_run_dirs(paths: Iterable[str]) -> List[Path]:
-    """Run directories under ``paths`` (a run holds config.yaml and metrics.jsonl)."""
-    found = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise ReportError(f"'{p}' does not exist")
-        candidates = [p] if (p / "config.yaml").is_file() else sorted(c.parent for c in p.rglob("config.yaml"))
-        # runs moved aside by --overwrite are history, not results
-        found += [c for c in candidates if (c / "metrics.jsonl").is_file() and ".replaced-" not in c.name]
-    return list(dict.fromkeys(found))
-
-
-def normalise_record(record: Dict) -> Dict:
-    """An epoch record of any ``metrics_version`` in the current shape (see ``okd.logger``).
-
-    Version 1 logged the methods' raw loss terms; they move to ``train.loss_unweighted`` so that no
-    reader takes them for the weighted terms of version 2, and ``train.kd_weight`` is unknown (None).
-    """
-    record = dict(record)
-    version = int(record.get("metrics_version", 1))
-    train = dict(record.get("train") or {})
-    if version == 1 and "loss" in train:
-        loss = dict(train["loss"])
-        train["loss"] = {"total": loss.pop("total")} if "total" in loss else {}
-        train["loss_unweighted"] = loss
-    train.setdefault("kd_weight", None)
-    record["train"], record["metrics_version"] = train, version
-    return record
-
-
-def read_metrics(run_dir: Path) -> List[Dict]:
-    """The epoch records of ``metrics.jsonl``, normalised; a torn last line (a killed run) is skipped."""
-    out = []
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        try:
-            out.append(normalise_record(json.loads(line)))
-        except (ValueError, TypeError, AttributeError):
-            continue
-    return out
-
-
-def median_img_per_s(records: Sequence[Dict]) -> Optional[float]:
-    """The median epoch's training img/s (the first epoch carries warm-up: cuDNN autotuning, graph capture)."""
-    speeds = [float(r["train"]["img_per_s"]) for r in records if "train" in r]
-    return statistics.median(speeds) if speeds else None
-
-
-def read_run(run_dir: Path, metric: str = "reported") -> Optional[Run]:
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        run = Run(run_dir, cfg["data"]["name"], cfg["model"]["name"], cfg["method"]["name"], int(cfg["seed"]),
-                  int(cfg["train"]["epochs"]))
-    except (yaml.YAMLError, KeyError, TypeError, ValueError, OSError):
-        print(f"okd-report: skipping '{run_dir}': unreadable config.yaml", file=sys.stderr)
-        return None
-    curve = {}
-    for record in read_metrics(run_dir):
-        try:
-            curve[int(record["epoch"])] = float(record["summary"][metric]["last"])
-        except (ValueError, KeyError, TypeError):
-            continue  # an epoch without evaluation
-    run.curve = sorted(curve.items())
-    return run
+def title(method: str) -> str:
+    """A method's column header: its registered title (``@METHODS.register(name, title=...)``)."""
+    return METHODS.meta(method).get("title", method) if method in METHODS else method
 
 
 def rank(name: str, order: Sequence[str]) -> Tuple[int, str]:
@@ -172,12 +81,12 @@ def markdown(runs: Sequence[Run], include_unfinished: bool = False) -> str:
     out = []
     for dataset in sorted({r.dataset for r in runs}):
         subset = [r for r in runs if r.dataset == dataset]
-        backbones = ordered({r.backbone for r in subset}, BACKBONE_ORDER)
-        methods = ordered({r.method for r in subset}, METHOD_ORDER)
+        backbones = ordered({r.backbone for r in subset}, BACKBONE_ROWS)
+        methods = ordered({r.method for r in subset}, TABLE_METHODS)
         for variant, title in (("best", "best epoch"), ("last", "last epoch")):
             cells = build_cells(subset, variant, include_unfinished)
             out.append(f"### {dataset}: top-1 % of the reported model, {title} (mean ± std over seeds)\n")
-            out.append("| backbone | " + " | ".join(METHOD_TITLES.get(m, m) for m in methods) + " |")
+            out.append("| backbone | " + " | ".join(title(m) for m in methods) + " |")
             out.append("|---|" + "---|" * len(methods))
             for b in backbones:
                 row = [cells.get((dataset, b, m), Cell([], [], 0)).text() for m in methods]
@@ -194,7 +103,7 @@ def csv_text(runs: Sequence[Run], include_unfinished: bool = False) -> str:
     writer.writerow(["dataset", "backbone", "method", "variant", "mean", "std", "n", "seeds", "unfinished"])
     for variant in ("best", "last"):
         cells = build_cells(runs, variant, include_unfinished)
-        keys = sorted(cells, key=lambda k: (k[0], rank(k[1], BACKBONE_ORDER), rank(k[2], METHOD_ORDER)))
+        keys = sorted(cells, key=lambda k: (k[0], rank(k[1], BACKBONE_ROWS), rank(k[2], TABLE_METHODS)))
         for key in keys:
             cell = cells[key]
             if cell.values:
@@ -220,7 +129,7 @@ def curves_figure(runs: Sequence[Run], backbone: str, dataset: Optional[str], pa
     if len(datasets) > 1:
         raise ReportError(f"runs of several datasets ({', '.join(datasets)}) for '{backbone}'; pick one with --dataset")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in ordered({r.method for r in chosen}, METHOD_ORDER):
+    for method in ordered({r.method for r in chosen}, TABLE_METHODS):
         by_epoch: Dict[int, List[float]] = {}
         seeds = [r for r in chosen if r.method == method]
         for r in seeds:
@@ -228,7 +137,7 @@ def curves_figure(runs: Sequence[Run], backbone: str, dataset: Optional[str], pa
                 by_epoch.setdefault(epoch, []).append(value)
         epochs = sorted(by_epoch)
         mean = [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs]
-        (line,) = ax.plot(epochs, mean, label=f"{METHOD_TITLES.get(method, method)} (n={len(seeds)})")
+        (line,) = ax.plot(epochs, mean, label=f"{title(method)} (n={len(seeds)})")
         if len(seeds) > 1:
             ax.fill_between(epochs, [min(by_epoch[e]) for e in epochs], [max(by_epoch[e]) for e in epochs],
                             color=line.get_color(), alpha=0.15)
@@ -241,6 +150,25 @@ def curves_figure(runs: Sequence[Run], backbone: str, dataset: Optional[str], pa
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def results_markdown(records: List[Dict]) -> str:
+    """The records as a markdown table beside the published number of each cell."""
+    def num(v, fmt="{:.2f}"):
+        return "—" if v is None else fmt.format(v)
+
+    lines = ["| dataset | model | method | epochs | seed | reported best | last | paper | best − paper | img/s | "
+             "wall | device | precision | commit |", "|" + "---|" * 14]
+    for r in sorted(records, key=lambda r: (r["dataset"], r["model"], r["method"], r["epochs"], r["seed"])):
+        paper = paper_top1(r["dataset"], r["model"], r["method"])
+        delta = None if paper is None or r["reported_best"] is None else r["reported_best"] - paper
+        wall = f"{r['wall_seconds'] / 60:.1f} min" if r.get("wall_seconds") is not None else "—"
+        epochs = f"{r['epochs']}" if r.get("finished", True) else f"{r['epochs_done']} of {r['epochs']}, stopped"
+        lines.append(f"| {r['dataset']} | {r['model']} | {r['method']} | {epochs} ({r['protocol']}) | "
+                     f"{r['seed']} | {num(r['reported_best'])} | {num(r['reported_last'])} | {num(paper)} | "
+                     f"{num(delta, '{:+.2f}')} | {num(r.get('img_per_s'), '{:,.0f}')} | {wall} | {r['device']} | "
+                     f"{r['precision']} | {r['commit']} |")
+    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,8 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .results import read_records, results_markdown  # results imports this module
-
     try:
         runs = [r for r in (read_run(d) for d in find_run_dirs(args.run_dirs)) if r is not None]
         records = read_records([Path(p) for p in args.run_dirs])

@@ -26,8 +26,8 @@ from typing import Dict, List, Optional
 
 from . import checkpoint_file
 from .errors import OkdError
+from .metrics import median_img_per_s, read_metrics
 from .paper import paper_top1
-from .report import median_img_per_s, read_metrics
 
 RECORD_VERSION = 1
 PROTOCOLS = ("paper", "scaled")
@@ -103,25 +103,6 @@ def read_records(paths: List[Path]) -> List[Dict]:
         if isinstance(record, dict) and "okd_result" in record:
             out.append({**record, "file": str(f)})
     return out
-
-
-def results_markdown(records: List[Dict]) -> str:
-    """The records as a markdown table beside the published number of each cell."""
-    def num(v, fmt="{:.2f}"):
-        return "—" if v is None else fmt.format(v)
-
-    lines = ["| dataset | model | method | epochs | seed | reported best | last | paper | best − paper | img/s | "
-             "wall | device | precision | commit |", "|" + "---|" * 14]
-    for r in sorted(records, key=lambda r: (r["dataset"], r["model"], r["method"], r["epochs"], r["seed"])):
-        paper = paper_top1(r["dataset"], r["model"], r["method"])
-        delta = None if paper is None or r["reported_best"] is None else r["reported_best"] - paper
-        wall = f"{r['wall_seconds'] / 60:.1f} min" if r.get("wall_seconds") is not None else "—"
-        epochs = f"{r['epochs']}" if r.get("finished", True) else f"{r['epochs_done']} of {r['epochs']}, stopped"
-        lines.append(f"| {r['dataset']} | {r['model']} | {r['method']} | {epochs} ({r['protocol']}) | "
-                     f"{r['seed']} | {num(r['reported_best'])} | {num(r['reported_last'])} | {num(paper)} | "
-                     f"{num(delta, '{:+.2f}')} | {num(r.get('img_per_s'), '{:,.0f}')} | {wall} | {r['device']} | "
-                     f"{r['precision']} | {r['commit']} |")
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[List[str]] = None) -> int:

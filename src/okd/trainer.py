@@ -6,8 +6,9 @@ per-epoch draws, crop/flip, normalise, this rank's slice) or ``StreamBatches``
 loss = sum of the method's weighted terms, backward, optimizer,
 ``method.after_step``, ``LossMeter``; one CUDA graph with
 ``train.cuda_graphs``) -> per-epoch evaluation -> logger and
-``CheckpointPolicy``. The host reads the device only at sync points
-(``train.sync_every``), checkpoints and epoch ends. Progress lives in a ``RunState``, which includes the
+``CheckpointPolicy``. One step is four hops: ``fit`` -> ``train_epoch`` ->
+``step`` -> the method's ``forward_train`` -> its loss functions. The host reads
+the device only at the sync points that ``okd.sync.SyncPolicy`` decides. Progress lives in a ``RunState``, which includes the
 position inside the current epoch, so a checkpoint written mid-epoch
 (``checkpoint.every_n_steps``, or on SIGTERM/SIGINT) continues exactly where it
 stopped. Under torchrun each process trains its slice of every global batch
@@ -26,16 +27,19 @@ from . import distributed
 from .checkpoint_policy import CheckpointPolicy
 from .config import Config
 from .cuda_graph import GraphedStep
-from .data import Batch, Dataset, derive_seed
-from .data.file_stream import training_batches
+from .data import Dataset, derive_seed, training_batches
 from .distributed import DistInfo
 from .errors import DataError
 from .evaluate import test_set
-from .logger import METRICS_VERSION, Progress
+from .logger import Progress
+from .loss_meter import LossMeter
 from .methods import Method
-from .run_state import LossMeter, RunState
+from .metrics import METRICS_VERSION
+from .optim import Optimization
+from .run_state import RunState
 from .signals import Interrupted, StopSignals
-from .step import Optimization, TrainStep, training_module, use_cuda_graphs
+from .step import TrainStep, training_module, use_cuda_graphs
+from .sync import SyncPolicy
 
 
 class Trainer:
@@ -46,17 +50,16 @@ class Trainer:
         # stand-in for torch.cuda on a CPU; by default a real one where train.cuda_graphs holds
         self.cfg, self.method, self.device, self.dist, self.log = cfg, method, device, dist, log
         self.optimization, self.state, self.checkpoints = optimization, state, checkpoints
-        t = cfg.train
         self.stream = training_batches(dataset, method.num_views, cfg, device, dist)
         self.test = test_set(dataset, cfg, device, dist)
         self.meter = LossMeter(device)
-        self.step = TrainStep(training_module(method, cfg, device, dist), method, optimization, self.meter, cfg,
-                              device, log, dist)
+        self.sync = SyncPolicy(cfg, device, log, dist, checkpoint_due=checkpoints.due)
+        self.train_step = TrainStep(training_module(method, cfg, device, dist), method, optimization, self.meter,
+                                    self.sync.health, cfg, device, self.stream.batch_size)
         if graphed_step is None and use_cuda_graphs(cfg, device, dist, log):
             graphed_step = GraphedStep
-        self.graphed = graphed_step(self.step, device, log) if graphed_step is not None else None
-        # host reads of the device: every sync_every steps (and at checkpoints and epoch ends)
-        self.sync_every = t.sync_every or (t.log_every if device.type == "cuda" else 1)
+        self.graphed = graphed_step(self.train_step, device, log) if graphed_step is not None else None
+        self.step = self.graphed or self.train_step  # step(views, labels): the graph is a local wrapper
 
     def fit(self) -> None:
         with StopSignals() as signals:
@@ -68,24 +71,25 @@ class Trainer:
     def train_epoch(self, epoch: int, signals: StopSignals) -> Dict:
         state = self.state
         self.method.train()
-        self.method.set_epoch(epoch)
+        # the epoch's distillation factor, a device tensor the step reads (no Python int in the step)
+        self.method.kd_scale.fill_(self.method.options.kd_scale(epoch) or 0.0)
         if state.batch_in_epoch == 0:
             # Everything random in this epoch derives from (seed, epoch, rank): resuming at
             # an epoch boundary replays it exactly (mid-epoch, the saved RNG state does).
             torch.manual_seed(derive_seed(self.cfg.seed, epoch, 1 + self.dist.rank))
             state.start_epoch()
         self.meter.load(state)
-        self.step.start(state)
+        self.train_step.start(state)
         progress = Progress(len(self.stream), f"epoch {epoch + 1}/{self.cfg.train.epochs}", self.cfg.train.log_every,
                             self.log, start=state.batch_in_epoch)
         clock = time.perf_counter()
         try:
             for batch in self.stream.epoch(epoch, start=state.batch_in_epoch):
-                loss = self.run_step(batch, epoch)
+                loss = self.step(batch.views, batch.labels)
                 state.step, state.batch_in_epoch = state.step + 1, batch.index + 1
                 images_done = min((batch.index + 1) * self.stream.batch_size, self.stream.num_images)
                 progress.update(images_done, float(loss) if progress.wants_loss() else None)
-                if self.sync_due(state, signals):
+                if self.sync.due(state.step, signals.received is not None):
                     clock = self.sync_point(epoch, signals, clock, progress)
         except DataError as exc:  # an unreadable image on the streaming path: keep the epoch's progress
             progress.close()
@@ -101,7 +105,7 @@ class Trainer:
                    save_due: bool = True) -> float:
         """Read the step flags (the non-finite policy acts here), write a due checkpoint, stop when asked."""
         state = self.state
-        stop = self.step.check(state, epoch, signals.received is not None)
+        stop = self.sync.check(state, epoch, signals.received is not None, self.train_step.names)
         if stop or (save_due and self.checkpoints.due(state.step)):
             clock = self.save_mid_epoch(clock)
         if stop:
@@ -115,20 +119,8 @@ class Trainer:
         Under torchrun the other ranks wait in a collective, so the last regular checkpoint stands."""
         if self.dist.enabled or self.state.batch_in_epoch == 0:
             return
-        self.step.check(self.state, epoch, False)
+        self.sync.check(self.state, epoch, False, self.train_step.names)
         self.save_mid_epoch(clock)
-
-    def run_step(self, batch: Batch, epoch: int) -> torch.Tensor:
-        if self.graphed is not None:
-            full = batch.labels.shape[0] == self.stream.batch_size  # graphs run in one process only
-            return self.graphed(batch.views, batch.labels, epoch, full)
-        return self.step(batch.views, batch.labels, epoch)
-
-    def sync_due(self, state: RunState, signals: StopSignals) -> bool:
-        """Whether the host reads the step flags now: every sync_every steps, at a checkpoint, or (in
-        a single process, where no other rank must agree) on a stop signal."""
-        return (state.step % self.sync_every == 0 or self.checkpoints.due(state.step)
-                or (signals.received is not None and not self.dist.enabled))
 
     def save_mid_epoch(self, clock: float) -> float:
         now = time.perf_counter()
@@ -156,7 +148,7 @@ class Trainer:
         state = self.state
         state.epoch = epoch + 1
         record = {"metrics_version": METRICS_VERSION, "epoch": state.epoch, "step": state.step, "lr": lr,
-                  "train": {**train, "kd_weight": self.method.kd_weight(epoch)}}
+                  "train": {**train, "kd_weight": self.method.options.kd_scale(epoch)}}
         if state.skipped_steps:
             record["skipped_steps"] = state.skipped_steps
         if self.dist.enabled:

@@ -8,7 +8,7 @@ resumed run redraws exactly what an uninterrupted run would.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
@@ -49,12 +49,18 @@ class Normalizer:
         return images_u8.float() * self.scale - self.shift
 
 
+def epoch_order(num_images: int, seed: int, epoch: int) -> Tuple[torch.Tensor, torch.Generator]:
+    """The epoch's order of the training images, on both data paths, and the generator it was drawn
+    from: the resident path draws the epoch's crops and flips from it next (``EpochDraws``)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, epoch, 0))
+    return torch.randperm(num_images, generator=generator), generator
+
+
 class EpochDraws:
-    """Data order and per-view augmentation parameters of one epoch."""
+    """Data order and per-view augmentation parameters of one epoch (the resident path)."""
 
     def __init__(self, num_images: int, num_views: int, pad: int, flip: bool, seed: int, epoch: int):
-        gen = torch.Generator().manual_seed(derive_seed(seed, epoch, 0))
-        self.order = torch.randperm(num_images, generator=gen)
+        self.order, gen = epoch_order(num_images, seed, epoch)
         self.offsets = torch.randint(0, 2 * pad + 1, (num_views, num_images, 2), generator=gen)
         if flip:
             self.flips = torch.randint(0, 2, (num_views, num_images), generator=gen).bool()

@@ -158,19 +158,19 @@ def load_cifar(name: str, root: Path, download: bool) -> Dataset:
     return Dataset(name, read(train_files), read(test_files), classes, mean, std, image_size=32)
 
 
-@DATASETS.register("cifar10")
+@DATASETS.register("cifar10", train_images=50_000, num_classes=10)
 def cifar10(cfg) -> Dataset:
     return load_cifar("cifar10", default_root(cfg.root), cfg.download)
 
 
-@DATASETS.register("cifar100")
+@DATASETS.register("cifar100", train_images=50_000, num_classes=100)
 def cifar100(cfg) -> Dataset:
     return load_cifar("cifar100", default_root(cfg.root), cfg.download)
 
 
 # ---------------------------------------------------------------- embedded digits (no network)
 
-@DATASETS.register("digits")
+@DATASETS.register("digits", train_images=1_438, num_classes=10)
 def digits(cfg, test_fraction: float = 0.2) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1,797 real scans) as 32x32 RGB.
 

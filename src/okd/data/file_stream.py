@@ -28,21 +28,16 @@ from torch.utils.data import Dataset as TorchDataset
 
 from ..distributed import DistInfo
 from ..errors import DataError
-from .augment import Normalizer, derive_seed
+from .augment import Normalizer, derive_seed, epoch_order
 from .datasets import FileSplit
 from .images import UnreadableImage, eval_view, pad_crop_flip, read_image, resized_crop_flip
-from .resident import Batch, BatchStream
+from .resident import Batch
 
 VIEW_SEED_TAG = 0xA116  # keeps the per-image seeds apart from the other (seed, epoch, ...) streams
 
 
 def view_seed(seed: int, epoch: int, index: int) -> int:
     return derive_seed(seed, epoch, VIEW_SEED_TAG, index)
-
-
-def epoch_order(num_images: int, seed: int, epoch: int) -> torch.Tensor:
-    """The epoch's permutation: the first draw of the resident path's ``EpochDraws`` generator."""
-    return torch.randperm(num_images, generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 0)))
 
 
 class TrainViews(TorchDataset):
@@ -89,7 +84,7 @@ class EpochJobs(torch.utils.data.Sampler):
         return max(0, math.ceil(self.num_images / self.batch_size) - self.start)
 
     def __iter__(self):
-        order = epoch_order(self.num_images, self.seed, self.epoch).numpy()
+        order = epoch_order(self.num_images, self.seed, self.epoch)[0].numpy()
         for b in range(self.start, math.ceil(self.num_images / self.batch_size)):
             positions = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.num_images))
             if len(positions) < self.dist.world_size:
@@ -188,17 +183,6 @@ class EvalImages(TorchDataset):
 
 def eval_jobs(start: int, stop: int, batch_size: int) -> List[Tuple[int, int]]:
     return [(lo, min(lo + batch_size, stop)) for lo in range(start, stop, batch_size)]
-
-
-def training_batches(dataset, num_views: int, cfg, device: torch.device, dist: DistInfo = DistInfo()):
-    """The training batches of ``dataset`` on its pipeline: ``BatchStream`` (resident) or ``StreamBatches``."""
-    normalize = Normalizer(dataset.mean, dataset.std, device)
-    d, t = cfg.data, cfg.train
-    if dataset.pipeline == "resident":
-        return BatchStream(dataset.train, normalize, num_views, t.batch_size, d.pad, d.flip, cfg.seed, device,
-                           t.channels_last, dist)
-    return StreamBatches(dataset.train, normalize, num_views, t.batch_size, dataset.image_size, dataset.augment,
-                         d.pad, d.flip, d.crop_scale, cfg.seed, device, workers(d, dist), t.channels_last, dist)
 
 
 def workers(data_cfg, dist: DistInfo) -> int:

@@ -87,7 +87,7 @@ def imagefolder(cfg) -> Dataset:
                    classes, None, None, image_size=32, augment="crop_flip")
 
 
-@DATASETS.register("imagenet")
+@DATASETS.register("imagenet", train_images=1_281_167, num_classes=1000)
 def imagenet(cfg) -> Dataset:
     """ILSVRC 2012 in its usual prepared layout: ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG``
     (the validation images sorted into class folders). Streams RandomResizedCrop 224 views by default."""
@@ -107,7 +107,7 @@ def imagenet(cfg) -> Dataset:
                    classes, IMAGENET_MEAN, IMAGENET_STD, image_size=224, augment="resized_crop")
 
 
-@DATASETS.register("tinyimagenet")
+@DATASETS.register("tinyimagenet", train_images=100_000, num_classes=200)
 def tinyimagenet(cfg) -> Dataset:
     """Tiny-ImageNet as distributed (tiny-imagenet-200.zip): ``train/<wnid>/images/*.JPEG``, and
     ``val/images/*.JPEG`` labelled by ``val/val_annotations.txt``; 64x64, 200 classes. The unlabelled

@@ -1,8 +1,8 @@
 """Online-distillation methods, one file each, registered by name in ``METHODS``.
 
 Importing this package imports every module in its folder, so a new method is
-one new file here with ``@METHODS.register("name")`` on its class (README,
-"Extending okd").
+one new file here with ``@METHODS.register("name", title="Its column title")``
+on its class (docs/extending.md).
 """
 from pathlib import Path
 
@@ -11,8 +11,9 @@ from ..registry import Registry, import_submodules
 HOME = Path(__file__).resolve().parent
 
 
-def _bind_options(name: str, cls) -> None:
-    """A registered method must bring its own Options dataclass; it learns the method's name."""
+def _bind_options(name: str, cls, meta) -> None:
+    """A registered method must bring its own Options dataclass (it learns the method's name) and
+    its ``title``, the header of its column in the comparison table."""
     from .base import Method, MethodContractError, MethodOptions, where_defined
 
     if not (isinstance(cls, type) and issubclass(cls, Method)):
@@ -22,6 +23,9 @@ def _bind_options(name: str, cls) -> None:
         raise MethodContractError(
             f"method class {cls.__name__} ({where_defined(cls)}) needs its own 'Options' dataclass deriving "
             f"from MethodOptions or KDOptions (okd.methods.base)")
+    if not isinstance(meta.get("title"), str):
+        raise MethodContractError(f"@METHODS.register('{name}') needs title=\"...\", the method's column header "
+                                  f"in the comparison table ({where_defined(cls)})")
     options.method_name = name
 
 

@@ -5,10 +5,10 @@ A method owns all of its networks (students, teachers, temporal means) as one
 abstract methods must be implemented, or building the method fails at once
 with a one-line error naming what is missing:
 
-* ``forward_train(views, labels, epoch)`` -> {term name: weighted loss term}; every
-  coefficient and ramp-up weight is already applied, so the loss is the sum
-  of the terms (``total_loss``) and the logged terms show what drives the
-  gradient;
+* ``forward_train(views, labels)`` -> {term name: weighted loss term}; every
+  coefficient and the ramp-up are already applied, so the loss is the sum of
+  the terms (``total_loss``) and the logged terms show what drives the
+  gradient; it is the module's ``forward``, so the step calls it directly;
 * ``evaluate_logits(images)`` -> {model name: logits} for every model it can test;
 * ``summary_metrics(acc)`` -> the labelled headline numbers; the first must be
   ``reported`` (the model the method deploys) and selects ``best.pt``;
@@ -23,15 +23,16 @@ them on the host),
 module), ``branch_dropout`` (the method's default ``model.dropout``).
 
 Graph-safe forward: the trainer may capture the whole step in a CUDA graph
-and replay it across epochs, or compile it, so ``forward_train`` must not branch
-on ``epoch`` in Python; the epoch's distillation weight is
-``self.kd_scale(epoch)``, a device tensor that the trainer refills in place
-before each step (``set_epoch``, outside the graph and outside torch.compile,
-whose guard on the Python int would otherwise recompile every epoch).
+and replay it across epochs, or compile it, so ``forward_train`` sees no epoch:
+the epoch's distillation factor is ``self.kd_scale``, a 0-dim buffer that the
+trainer fills in place before each epoch from ``options.kd_scale(epoch)``
+(outside the graph and outside torch.compile, whose guard on a Python int would
+recompile every epoch). A method multiplies its distillation terms by it.
 
 Options are a dataclass ``Options`` on the class, validated under ``method.*``;
 ``KDOptions`` declares what every distillation method has (temperature,
-ramp-up) and checks it, with any member count and ``kd_weight``, once.
+ramp-up, the factor ``kd_scale(epoch)``) and checks it, with any member count
+and ``kd_weight``, once.
 Each loss is also a plain function of logits in the method's file (or in
 ``okd.losses``), so it is tested against hand-computed values.
 """
@@ -85,6 +86,10 @@ class MethodOptions:
     def check(self) -> None:
         """Range checks of the options (types are checked by the config loader)."""
 
+    def kd_scale(self, epoch: int) -> Optional[float]:
+        """The factor on the distillation terms in ``epoch``; None: the method distils nothing."""
+        return None
+
 
 @dataclass
 class KDOptions(MethodOptions):
@@ -93,9 +98,10 @@ class KDOptions(MethodOptions):
     temperature: float = 3.0
     rampup_epochs: int = 80
 
-    def kd_coefficient(self) -> float:
-        """The constant factor of the distillation terms (1 unless the method has one)."""
-        return 1.0
+    def kd_scale(self, epoch: int) -> float:
+        """The factor on the distillation terms in ``epoch``: the sigmoid ramp-up over ``rampup_epochs``
+        (a method with a constant coefficient on them multiplies it in)."""
+        return sigmoid_rampup(epoch, self.rampup_epochs)
 
     def check(self) -> None:
         require(self.temperature > 0, self.name, "temperature", "> 0", self.temperature)
@@ -133,7 +139,7 @@ class Method(nn.Module, metaclass=ABCMeta):
         if missing:
             raise MethodContractError(
                 f"method class {cls.__name__} ({where_defined(cls)}) does not implement {', '.join(missing)}; "
-                f"see 'Extending okd' in the README")
+                f"see docs/extending.md")
         return super().__new__(cls)
 
     def __init__(self, spec: BackboneSpec, num_classes: int, options: MethodOptions):
@@ -141,12 +147,16 @@ class Method(nn.Module, metaclass=ABCMeta):
         options.check()
         self.options = options
         self.num_classes = num_classes
-        # kd_weight(epoch) on the device; refilled in place, never reallocated (see kd_scale)
-        self.register_buffer("kd_scale_value", torch.zeros(()), persistent=False)
-        self.kd_scale_epoch: Optional[int] = None
+        # options.kd_scale(epoch) on the device, filled in place by the trainer, never reallocated
+        self.register_buffer("kd_scale", torch.zeros(()), persistent=False)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "forward_train" in cls.__dict__:  # calling the module (through DDP, compiled) is forward_train
+            cls.forward = cls.__dict__["forward_train"]
 
     @abstractmethod
-    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int) -> Terms:
+    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor) -> Terms:
         """{term name: weighted term}; the loss is their sum."""
 
     @abstractmethod
@@ -161,41 +171,12 @@ class Method(nn.Module, metaclass=ABCMeta):
     def deployable_state_dict(self) -> Dict[str, torch.Tensor]:
         """The reported model's weights in ``okd.create_model``'s layout."""
 
-    def forward(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int) -> Terms:
-        """``forward_train``: the trainer calls the module (through DDP under torchrun)."""
-        return self.forward_train(views, labels, epoch)
-
     def training_loss(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int
                       ) -> Tuple[torch.Tensor, Terms]:
-        """(loss, terms) of one batch, outside the trainer (tests, benchmarks)."""
-        terms = self.forward_train(views, labels, epoch)
+        """(loss, terms) of one batch in ``epoch``, outside the trainer (tests, benchmarks)."""
+        self.kd_scale.fill_(self.options.kd_scale(epoch) or 0.0)
+        terms = self.forward_train(views, labels)
         return total_loss(terms), terms
-
-    def kd_weight(self, epoch: int) -> Optional[float]:
-        """The factor on the distillation terms at ``epoch`` (coefficient x ramp-up); None without KD."""
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            # a float read here would be frozen into the graph for every later epoch
-            raise MethodContractError(f"{type(self).__name__}.forward_train reads kd_weight (a host float) inside a "
-                                      f"CUDA graph; use self.kd_scale(epoch)")
-        if not isinstance(self.options, KDOptions):
-            return None
-        return self.options.kd_coefficient() * sigmoid_rampup(epoch, self.options.rampup_epochs)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Fill the device-side distillation weight for ``epoch`` (outside any CUDA graph)."""
-        if epoch != self.kd_scale_epoch:
-            self.kd_scale_value.fill_(self.kd_weight(epoch) or 0.0)
-            self.kd_scale_epoch = epoch
-
-    def kd_scale(self, epoch: int) -> torch.Tensor:
-        """``kd_weight(epoch)`` as a 0-dim device tensor: what ``forward_train`` multiplies its KD terms by."""
-        if not torch.compiler.is_compiling():
-            # under torch.compile the trainer has filled it (TrainStep); comparing the Python int here
-            # would make Dynamo guard on it and recompile at every epoch
-            self.set_epoch(epoch)
-        # a copy: a loss built earlier keeps the weight it was built with when set_epoch refills
-        # the buffer (inside a CUDA graph the copy is a kernel that reads the current value)
-        return self.kd_scale_value.clone()
 
     def after_step(self, step: torch.Tensor, applied: torch.Tensor = 1.0) -> None:
         """Called after every optimizer step: ``step`` is its 0-based global index and ``applied``

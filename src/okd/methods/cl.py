@@ -43,7 +43,7 @@ class GradScale(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-@METHODS.register("cl", "cl_ilr")
+@METHODS.register("cl", "cl_ilr", title="CL")
 class CL(SharedTrunkMethod):
     branch_dropout = 0.5  # OKDDip's multi-branch VGG (vgg_one.py)
 
@@ -67,8 +67,8 @@ class CL(SharedTrunkMethod):
         def ce_coefficient(self) -> float:
             return self.beta if self.form == "paper" else 1.0
 
-        def kd_coefficient(self) -> float:
-            return 1.0 - self.beta if self.form == "paper" else 1.0
+        def kd_scale(self, epoch: int) -> float:
+            return (1.0 - self.beta if self.form == "paper" else 1.0) * super().kd_scale(epoch)
 
         def check(self) -> None:
             require(self.form in FORMS, "cl", "form", " or ".join(FORMS), self.form)
@@ -85,9 +85,9 @@ class CL(SharedTrunkMethod):
             shared = GradScale.apply(shared, 1.0 / self.options.num_branches)
         return self.net.on_shared(shared).logits
 
-    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
+    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor):
         opt = self.options
         logits = self.head_logits(views[0])
         ce = sum(F.cross_entropy(z, labels) for z in logits)
         kd = kd_to_others_mean(logits, opt.temperature, opt.detach_teacher)
-        return {"ce": opt.ce_coefficient() * ce, "kd_peers": self.kd_scale(epoch) * kd}
+        return {"ce": opt.ce_coefficient() * ce, "kd_peers": self.kd_scale * kd}

@@ -39,7 +39,7 @@ def dml_kd(logits: Sequence[torch.Tensor], temperature: float, target: str = "pa
     return total
 
 
-@METHODS.register("dml")
+@METHODS.register("dml", title="DML")
 class DML(IndependentNetworksMethod):
     @dataclass
     class Options(KDOptions):
@@ -57,9 +57,9 @@ class DML(IndependentNetworksMethod):
         super().__init__(spec, num_classes, options)
         self.nets = IndependentNets(spec, options.num_networks)
 
-    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
+    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor):
         opt = self.options
         logits = self.nets(views[0])
         ce = sum(F.cross_entropy(z, labels) for z in logits)
         kd = dml_kd(logits, opt.temperature, opt.target, opt.detach_teacher)
-        return {"ce": ce, "kd_mutual": self.kd_scale(epoch) * kd}
+        return {"ce": ce, "kd_mutual": self.kd_scale * kd}

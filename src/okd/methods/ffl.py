@@ -54,7 +54,7 @@ def ffl_kd(logits: Sequence[torch.Tensor], fused: torch.Tensor, temperature: flo
     return ensemble_kd, mutual_kd
 
 
-@METHODS.register("ffl", "ffl_s")
+@METHODS.register("ffl", "ffl_s", title="FFL-S")
 class FFL(SharedTrunkMethod):
     extra_models = {"fused": "fused classifier"}
 
@@ -77,12 +77,12 @@ class FFL(SharedTrunkMethod):
         logits = self.net.heads(maps).logits
         return logits, self.fusion(maps)
 
-    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
+    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor):
         logits, fused = self.forward_logits(views[0])
         ce_branches = sum(F.cross_entropy(z, labels) for z in logits)
         ce_fused = F.cross_entropy(fused, labels)
         ensemble_kd, mutual_kd = ffl_kd(logits, fused, self.options.temperature)
-        w = self.kd_scale(epoch)
+        w = self.kd_scale
         return {"ce_branches": ce_branches, "ce_fused": ce_fused,
                 "kd_fused_to_branches": w * ensemble_kd, "kd_branches_to_fused": w * mutual_kd}
 

@@ -42,7 +42,7 @@ def kdcl_teacher(logits: Sequence[torch.Tensor], labels: torch.Tensor, variant: 
     return logit_mean(logits)
 
 
-@METHODS.register("kdcl")
+@METHODS.register("kdcl", title="KDCL")
 class KDCL(IndependentNetworksMethod):
     @dataclass
     class Options(KDOptions):
@@ -51,8 +51,8 @@ class KDCL(IndependentNetworksMethod):
         teacher: str = "minlogit"  # minlogit | naive
         kd_weight: float = 1.0  # lambda
 
-        def kd_coefficient(self) -> float:
-            return self.kd_weight
+        def kd_scale(self, epoch: int) -> float:
+            return self.kd_weight * super().kd_scale(epoch)
 
         def check(self) -> None:
             require(self.teacher in TEACHERS, "kdcl", "teacher", " or ".join(TEACHERS), self.teacher)
@@ -63,10 +63,10 @@ class KDCL(IndependentNetworksMethod):
         self.num_views = options.num_networks
         self.nets = IndependentNets(spec, options.num_networks)
 
-    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
+    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor):
         opt = self.options
         logits = self.nets.forward_views(views)
         teacher = kdcl_teacher([z.detach() for z in logits], labels, opt.teacher)
         ce = sum(F.cross_entropy(z, labels) for z in logits)
         kd = sum(kd_loss(z, teacher, opt.temperature) for z in logits)
-        return {"ce": ce, "kd_ensemble": self.kd_scale(epoch) * kd}
+        return {"ce": ce, "kd_ensemble": self.kd_scale * kd}

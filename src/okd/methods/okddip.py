@@ -55,7 +55,7 @@ def okddip_kd(peer_logits: Sequence[torch.Tensor], targets: torch.Tensor, leader
     return peers_kd, leader_kd
 
 
-@METHODS.register("okddip")
+@METHODS.register("okddip", title="OKDDip")
 class OKDDip(Method):
     branch_dropout = 0.5  # OKDDip's vgg_GL.py
 
@@ -64,8 +64,8 @@ class OKDDip(Method):
         num_peers: int = 2  # auxiliary peers; the group leader is one more branch
         kd_weight: float = 1.0  # alpha of the paper
 
-        def kd_coefficient(self) -> float:
-            return self.kd_weight
+        def kd_scale(self, epoch: int) -> float:
+            return self.kd_weight * super().kd_scale(epoch)
 
     def __init__(self, spec, num_classes: int, options: "OKDDip.Options"):
         super().__init__(spec, num_classes, options)
@@ -77,13 +77,13 @@ class OKDDip(Method):
         outs = self.net(x)
         return outs.logits[:-1], outs.logits[-1], torch.stack(outs.features[:-1], dim=1)
 
-    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
+    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor):
         peer_logits, leader_logits, pooled = self.forward_logits(views[0])
         targets = peer_targets(self.attention(pooled), peer_logits)
         ce_peers = sum(F.cross_entropy(z, labels) for z in peer_logits)
         ce_leader = F.cross_entropy(leader_logits, labels)
         peers_kd, leader_kd = okddip_kd(peer_logits, targets, leader_logits, self.options.temperature)
-        w = self.kd_scale(epoch)
+        w = self.kd_scale
         return {"ce_peers": ce_peers, "ce_leader": ce_leader, "kd_peers": w * peers_kd, "kd_leader": w * leader_kd}
 
     @torch.no_grad()

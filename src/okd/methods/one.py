@@ -43,7 +43,7 @@ def gated_ensemble(gate: torch.Tensor, logits: Sequence[torch.Tensor]) -> torch.
     return (gate.unsqueeze(2) * torch.stack(list(logits), dim=1)).sum(dim=1)
 
 
-@METHODS.register("one")
+@METHODS.register("one", title="ONE")
 class ONE(SharedTrunkMethod):
     branch_dropout = 0.5  # OKDDip's multi-branch VGG (vgg_one.py)
     extra_models = {"ensemble": "gated ensemble (ONE-E)"}
@@ -64,7 +64,7 @@ class ONE(SharedTrunkMethod):
         logits = self.net.on_shared(shared).logits
         return logits, {"ensemble": gated_ensemble(self.gate(shared), logits)}
 
-    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
+    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor):
         opt = self.options
         logits, extra = self.test_outputs(views[0])
         ensemble = extra["ensemble"]
@@ -72,4 +72,4 @@ class ONE(SharedTrunkMethod):
         ce_branches = sum(F.cross_entropy(z, labels) for z in logits)
         ce_ensemble = F.cross_entropy(ensemble, labels)
         kd = sum(kd_loss(z, teacher, opt.temperature) for z in logits)
-        return {"ce_branches": ce_branches, "ce_ensemble": ce_ensemble, "kd_ensemble": self.kd_scale(epoch) * kd}
+        return {"ce_branches": ce_branches, "ce_ensemble": ce_ensemble, "kd_ensemble": self.kd_scale * kd}

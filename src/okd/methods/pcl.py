@@ -47,7 +47,7 @@ class PCLNet(nn.Module):
         return self.ensemble_fc(torch.cat(features, dim=1))
 
 
-@METHODS.register("pcl")
+@METHODS.register("pcl", title="PCL")
 class PCL(Method):
     @dataclass
     class Options(KDOptions):
@@ -70,7 +70,7 @@ class PCL(Method):
             self.net.peers.enable_fused_views()
         self.mean = ModelEMA(self.net, options.ema_decay, options.ema_buffers)  # a copy: fused too
 
-    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
+    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor):
         m, T = self.options.num_peers, self.options.temperature
         feats, logits = self.net.peers.forward_views(views)
         ensemble_logits = self.net.ensemble(feats)
@@ -84,7 +84,7 @@ class PCL(Method):
         kd_mean = sum(
             kd_loss(logits[j], mean_logits[l], T) for j in range(m) for l in range(m) if l != j
         ) / (m - 1)
-        w = self.kd_scale(epoch)
+        w = self.kd_scale
         return {"ce_ensemble": ce_ensemble, "ce_peers": ce_peers, "kd_ensemble": w * kd_ensemble,
                 "kd_mean": w * kd_mean}
 

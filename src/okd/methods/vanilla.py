@@ -12,7 +12,7 @@ from . import METHODS
 from .base import Method, MethodOptions, Summary
 
 
-@METHODS.register("vanilla", "baseline")
+@METHODS.register("vanilla", "baseline", title="Vanilla")
 class Vanilla(Method):
     @dataclass
     class Options(MethodOptions):
@@ -22,7 +22,7 @@ class Vanilla(Method):
         super().__init__(spec, num_classes, options)
         self.net = SingleNet(spec.make_trunk(), spec.make_branch())
 
-    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int):
+    def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor):
         return {"ce": F.cross_entropy(self.net(views[0]), labels)}
 
     @torch.no_grad()

@@ -1,0 +1,20 @@
+"""The training batches of a dataset, on the pipeline it was loaded for (``data.pipeline``)."""
+from __future__ import annotations
+
+import torch
+
+from ..distributed import DistInfo
+from .augment import Normalizer
+from .file_stream import StreamBatches, workers
+from .resident import BatchStream
+
+
+def training_batches(dataset, num_views: int, cfg, device: torch.device, dist: DistInfo = DistInfo()):
+    """The training batches of ``dataset`` on its pipeline: ``BatchStream`` (resident) or ``StreamBatches``."""
+    normalize = Normalizer(dataset.mean, dataset.std, device)
+    d, t = cfg.data, cfg.train
+    if dataset.pipeline == "resident":
+        return BatchStream(dataset.train, normalize, num_views, t.batch_size, d.pad, d.flip, cfg.seed, device,
+                           t.channels_last, dist)
+    return StreamBatches(dataset.train, normalize, num_views, t.batch_size, dataset.image_size, dataset.augment,
+                         d.pad, d.flip, d.crop_scale, cfg.seed, device, workers(d, dist), t.channels_last, dist)
