@@ -31,7 +31,7 @@ from .runs import ReportError, Run, find_run_dirs, read_run
 MISSING = "—"
 
 
-def title(method: str) -> str:
+def method_title(method: str) -> str:
     """A method's column header: its registered title (``@METHODS.register(name, title=...)``)."""
     return METHODS.meta(method).get("title", method) if method in METHODS else method
 
@@ -86,7 +86,7 @@ def markdown(runs: Sequence[Run], include_unfinished: bool = False) -> str:
         for variant, title in (("best", "best epoch"), ("last", "last epoch")):
             cells = build_cells(subset, variant, include_unfinished)
             out.append(f"### {dataset}: top-1 % of the reported model, {title} (mean ± std over seeds)\n")
-            out.append("| backbone | " + " | ".join(title(m) for m in methods) + " |")
+            out.append("| backbone | " + " | ".join(method_title(m) for m in methods) + " |")
             out.append("|---|" + "---|" * len(methods))
             for b in backbones:
                 row = [cells.get((dataset, b, m), Cell([], [], 0)).text() for m in methods]
@@ -137,7 +137,7 @@ def curves_figure(runs: Sequence[Run], backbone: str, dataset: Optional[str], pa
                 by_epoch.setdefault(epoch, []).append(value)
         epochs = sorted(by_epoch)
         mean = [sum(by_epoch[e]) / len(by_epoch[e]) for e in epochs]
-        (line,) = ax.plot(epochs, mean, label=f"{title(method)} (n={len(seeds)})")
+        (line,) = ax.plot(epochs, mean, label=f"{method_title(method)} (n={len(seeds)})")
         if len(seeds) > 1:
             ax.fill_between(epochs, [min(by_epoch[e]) for e in epochs], [max(by_epoch[e]) for e in epochs],
                             color=line.get_color(), alpha=0.15)
