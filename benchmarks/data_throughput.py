@@ -40,10 +40,10 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from okd.config import DataConfig  # noqa: E402
 from okd.data import load_dataset  # noqa: E402
-from okd.data.folders import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from okd.data.file_stream import EpochJobs, TrainViews, loader  # noqa: E402
-from okd.hardware import cpu_name  # noqa: E402
+from okd.data.folders import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from okd.distributed import DistInfo  # noqa: E402
+from okd.hardware import cpu_name  # noqa: E402
 
 
 def generate_tree(root: Path, images: int, classes: int = 4, size=(375, 500)) -> Path:

@@ -51,12 +51,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from okd.build import build_run_method, build_trainer  # noqa: E402
 from okd.config import config_from_dict  # noqa: E402
+from okd.data.splits import Dataset, Split  # noqa: E402
 from okd.devices import resolve_auto  # noqa: E402
 from okd.hardware import device_name, peak_tflops  # noqa: E402
-from okd.data.datasets import Dataset, Split  # noqa: E402
 from okd.methods.pcl import PCL  # noqa: E402
-from okd.build import build_run_method, build_trainer  # noqa: E402
 from okd.models import backbone_spec  # noqa: E402
 
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -218,7 +218,7 @@ def step_flops(trainer, inputs) -> float:
 
     batch = inputs()
     with FlopCounterMode(display=False) as counter:
-        terms = trainer.method(batch.views, batch.labels, 100)
+        terms = trainer.method(batch.views, batch.labels)
         sum(terms.values()).backward()
     trainer.optimization.optimizer.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())

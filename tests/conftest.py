@@ -61,9 +61,9 @@ def pcl_train_step(**train):
     """(TrainStep, its SyncPolicy with the log in ``.log``) of a tiny PCL on CPU, ready for its first step; ``train``: train.* settings."""
     from okd.config import config_from_dict
     from okd.distributed import DistInfo
+    from okd.loss_meter import LossMeter
     from okd.methods.pcl import PCL
     from okd.models import backbone_spec
-    from okd.loss_meter import LossMeter
     from okd.optim import Optimization
     from okd.run_state import RunState
     from okd.step import TrainStep, training_module

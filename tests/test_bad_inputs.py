@@ -4,10 +4,10 @@ change to any existing run (nor any new file) under the output root."""
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, tree_digest
 from PIL import Image
 
 from okd.cli import main
-from conftest import REPO, tree_digest
 
 QUICK = ["--config", str(REPO / "configs/quickstart.yml"), "data.train_subset=192", "data.test_subset=64",
          "train.batch_size=64", "train.epochs=1", "schedule.milestones=[1]", "method.rampup_epochs=2", "device=cpu"]

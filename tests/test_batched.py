@@ -25,12 +25,18 @@ import copy
 
 import pytest
 import torch
+from conftest import large_backbones, random_batch
 from torch import nn
 
-from conftest import large_backbones, random_batch
 from okd.errors import ConfigError
 from okd.methods import METHODS, build_method
-from okd.models import BACKBONES, MultiBranchNet, backbone_options, backbone_spec, enable_batched_branches
+from okd.models import (
+    BACKBONES,
+    MultiBranchNet,
+    backbone_options,
+    backbone_spec,
+    enable_batched_branches,
+)
 from okd.models.grouped import GroupedBatchNorm2d, GroupedConv2d, GroupedLinear
 
 CLASSES = 10
@@ -210,3 +216,46 @@ def test_an_unsupported_branch_layer_is_a_one_line_config_error():
     with pytest.raises(ConfigError, match=r"GroupNorm is not supported; set train.batched_branches=false") as info:
         enable_batched_branches(method)
     assert "\n" not in str(info.value)
+
+
+class Grow(nn.Module):
+    """A backbone's own block that joins channels (as DenseNet's layer does): [x, conv x]."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 2, 3, padding=1)
+
+    def forward(self, x):
+        return torch.cat([x, self.conv(x)], dim=1)
+
+
+def test_a_backbones_own_block_declares_its_grouped_form_beside_it(monkeypatch):
+    from okd.models import grouped
+
+    torch.manual_seed(0)
+    members = [nn.Sequential(Grow(4), nn.ReLU()) for _ in range(3)]
+    x = [torch.randn(2, 4, 5, 5) for _ in range(3)]
+    one_by_one = [member(xi) for member, xi in zip(members, x)]
+    # run as a plain container, the join puts every branch's input before every branch's new channels
+    generic = grouped.batched_clone(members)(torch.cat(x, dim=1)).chunk(3, dim=1)
+    assert not torch.allclose(generic[0], one_by_one[0])  # what the batched-branches contract test catches
+    monkeypatch.setattr(grouped, "FORMS", dict(grouped.FORMS))  # the declaration below ends with the test
+
+    @grouped.grouped_form(Grow)
+    class GroupedGrow(nn.Module):
+        def __init__(self, blocks):
+            super().__init__()
+            self.m, self.conv = len(blocks), grouped.batched_clone([b.conv for b in blocks])
+
+        def forward(self, x):
+            parts = [x.unflatten(1, (self.m, -1)), self.conv(x).unflatten(1, (self.m, -1))]
+            return torch.cat(parts, dim=2).flatten(1, 2)
+
+    together = grouped.batched_clone(members)(torch.cat(x, dim=1)).chunk(3, dim=1)
+    for yi, expected in zip(together, one_by_one):
+        torch.testing.assert_close(yi, expected, **TOL)
+    with pytest.raises(ValueError, match="Grow has a grouped form already"):
+        grouped.grouped_form(Grow)(GroupedGrow)
+    from okd.models.densenet import DenseLayer, GroupedDenseLayer
+
+    assert grouped.FORMS[DenseLayer] is GroupedDenseLayer  # DenseNet declares its own, in models/densenet.py

@@ -3,13 +3,13 @@ import math
 
 import pytest
 import torch
+from conftest import REPO, records, run_cli, tree_digest
 
 import okd
 from okd import checkpoint_file
 from okd.cli import main
 from okd.config import DataConfig
 from okd.data import Normalizer, load_dataset
-from conftest import REPO, records, run_cli, tree_digest
 
 TINY = ["data.train_subset=192", "data.test_subset=96", "train.batch_size=64", "train.eval_batch_size=50",
         "method.rampup_epochs=2", "schedule.milestones=[1]", "train.log_every=2", "device=cpu"]

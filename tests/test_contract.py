@@ -11,11 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, large_backbones, random_batch
+
 from okd import create_model
 from okd.errors import ConfigError, OkdError
-from okd.methods import METHODS, KDOptions, Method, MethodOptions, build_method, total_loss
+from okd.methods import (
+    METHODS,
+    KDOptions,
+    Method,
+    MethodOptions,
+    build_method,
+    total_loss,
+)
 from okd.methods.base import MethodContractError
 from okd.models import BACKBONES, backbone_spec
 from okd.registry import Registry
@@ -140,8 +147,8 @@ def test_a_new_module_in_a_registry_package_is_found_without_editing_another_fil
     (package / "mvcl.py").write_text(
         "from okd_contract_test_registry import REG\n@REG.register('mvcl')\ndef mvcl():\n    return 1\n")
     registry = Registry("thing")
-    import types
     import sys
+    import types
     monkeypatch.setitem(sys.modules, "okd_contract_test_registry", types.SimpleNamespace(REG=registry))
     monkeypatch.syspath_prepend(str(tmp_path))
     import_submodules("plugins", [str(package)])
@@ -156,9 +163,8 @@ def extension_examples():
 
 
 def test_the_readme_extension_examples_work_as_printed(tmp_path):
-    from okd.data import DATASETS
     from okd.config import DataConfig, load_config
-    from okd.data import load_dataset
+    from okd.data import DATASETS, load_dataset
 
     examples = extension_examples()
     assert set(examples) == {"src/okd/methods/ekd.py", "src/okd/models/resnet20.py", "src/okd/data/npz.py"}
@@ -188,3 +194,35 @@ def test_the_readme_extension_examples_work_as_printed(tmp_path):
     finally:
         for registry, name in added:
             registry._entries.pop(name, None)
+
+
+def test_every_method_registers_its_table_title_and_a_missing_one_is_refused():
+    from okd.methods.base import MethodContractError
+    from okd.report import method_title
+
+    titles = {name: METHODS.meta(name)["title"] for name in METHODS.names()}
+    assert titles["ffl"] == "FFL-S" and titles["okddip"] == "OKDDip" and method_title("ffl_s") == "FFL-S"
+    assert all(isinstance(t, str) and t for t in titles.values())
+
+    class Untitled(METHODS.get("dml")):
+        Options = type("Options", (METHODS.get("dml").Options,), {})
+
+    with pytest.raises(MethodContractError, match=r"register\('untitled'\) needs title="):
+        METHODS.register("untitled")(Untitled)
+    assert "untitled" not in METHODS
+
+
+def test_every_dataset_that_declares_its_size_has_it():
+    from okd.config import DataConfig
+    from okd.data import DATASETS, load_dataset
+    from okd.plan import dataset_size
+
+    declared = {name: DATASETS.meta(name) for name in DATASETS.names()}
+    assert declared["cifar10"] == {"train_images": 50_000, "num_classes": 10}
+    assert declared["cifar100"] == {"train_images": 50_000, "num_classes": 100}
+    assert declared["tinyimagenet"] == {"train_images": 100_000, "num_classes": 200}
+    assert declared["imagenet"] == {"train_images": 1_281_167, "num_classes": 1000}
+    # the embedded digits: 1,797 scans, 20 % of each class to test (rounded per class) leaves 1,438
+    digits = load_dataset(DataConfig(name="digits"))
+    assert (len(digits.train), digits.num_classes) == (declared["digits"]["train_images"], 10) == (1_438, 10)
+    assert dataset_size(DataConfig(name="cifar100", train_subset=1000)) == (1000, 100)

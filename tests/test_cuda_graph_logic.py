@@ -14,8 +14,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import QUICKSTART, ListLog, pcl_train_step, random_batch, records
+
 from okd import checkpoint_file, trainer
 from okd.cli import main
 from okd.cuda_graph import relative_gap

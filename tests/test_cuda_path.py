@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import QUICKSTART, pcl_train_step, random_batch
+
 from okd import checkpoint_file, cli
 from okd.build import prepare_runtime
 from okd.cli import main

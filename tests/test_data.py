@@ -55,7 +55,7 @@ def test_imagefolder_loads_and_caches(tmp_path, monkeypatch):
     first = np.asarray(Image.open(tmp_path / "tree" / "train" / "cat" / "0.png"))
     assert np.array_equal(d.train.images[0].permute(1, 2, 0).numpy(), first)
     assert list((tmp_path / "cache").iterdir())
-    import okd.data.datasets as ds
+    import okd.data.decode_cache as ds
 
     monkeypatch.setattr(ds, "_decode", lambda *a: pytest.fail("decoded again instead of using the cache"))
     again = load_dataset(cfg)

@@ -11,8 +11,8 @@ from functools import lru_cache
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from okd.config import default_tree
 from okd.methods import METHODS
 

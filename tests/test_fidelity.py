@@ -3,9 +3,9 @@ final BatchNorm switch, and per-view BatchNorm kept under SyncBatchNorm."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_batch
 from torch import nn
 
-from conftest import random_batch
 from okd import checkpoint_file, create_model, load_model
 from okd.config import load_config
 from okd.errors import ConfigError

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from conftest import REPO, synthetic_image
+
 from okd import cuda_standin, preflight
 
 

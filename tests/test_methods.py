@@ -6,16 +6,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import softmax_kl
 
-from okd.methods import METHODS, build_method
 from okd.losses import kd_to_others_mean
+from okd.methods import METHODS, build_method
 from okd.methods.dml import dml_kd
 from okd.methods.ffl import ffl_kd
 from okd.methods.kdcl import minlogit_teacher
 from okd.methods.okddip import PeerAttention, peer_targets
 from okd.methods.one import gated_ensemble
 from okd.models import backbone_spec
-from conftest import softmax_kl
 
 CLASSES = 5
 

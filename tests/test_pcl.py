@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import softmax_kl
 
 from okd.methods.pcl import PCL
 from okd.models import backbone_spec
-from conftest import softmax_kl
 
 
 def make_pcl(num_peers=3, classes=5, **kw):

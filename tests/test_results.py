@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import QUICKSTART, REPO
+
 from okd import devices, hardware
 from okd.cli import main
 from okd.config import load_config

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from conftest import QUICKSTART, REPO, records, run_cli, tree_digest
+
 from okd import checkpoint_file
 from okd.cli import main
 from okd.runlock import LOCK_NAME, RunLock, check_free

@@ -14,19 +14,24 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
+from conftest import REPO, make_imagenet_tree, make_tiny_tree, records, synthetic_image
 from PIL import Image
 
 from okd import checkpoint_file
 from okd.cli import main
 from okd.config import DataConfig
-from okd.data import EpochDraws, Normalizer, load_dataset
-from okd.data.images import (UnreadableImage, eval_view, pad_crop_flip, read_image, resized_crop_box,
-                             resized_crop_flip)
-from okd.data import epoch_order
+from okd.data import EpochDraws, Normalizer, epoch_order, load_dataset
 from okd.data.file_stream import StreamBatches
+from okd.data.images import (
+    UnreadableImage,
+    eval_view,
+    pad_crop_flip,
+    read_image,
+    resized_crop_box,
+    resized_crop_flip,
+)
 from okd.distributed import DistInfo
 from okd.errors import DataError
-from conftest import REPO, make_imagenet_tree, make_tiny_tree, records, synthetic_image
 
 # ---------------------------------------------------------------- decoding and per-image augmentation
 

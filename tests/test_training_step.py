@@ -10,6 +10,7 @@ from okd.cli import main
 from okd.methods.pcl import PCL
 from okd.models import backbone_spec
 
+
 @pytest.mark.parametrize("name", ["resnet32", "resnet110", "wrn20_8", "vgg16", "densenet40_12"])
 def test_pcl_step_on_every_backbone(name):
     torch.manual_seed(0)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .models import BACKBONES, create_model  # noqa: E402
 from .methods import METHODS  # noqa: E402
+from .models import BACKBONES, create_model  # noqa: E402
 
 
 def load_model(path, map_location="cpu"):

@@ -27,6 +27,7 @@ from .step import TrainStep
 from .sync import StepHealth
 from .trainer import Trainer
 
+
 def prepare_runtime(cfg: Config, dist: DistInfo) -> torch.device:
     """Checks that need the process layout, then the device and CPU threads."""
     if cfg.train.batch_size % dist.world_size:

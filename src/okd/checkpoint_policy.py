@@ -18,9 +18,9 @@ from . import checkpoint_file
 from .config import Config
 from .errors import CheckpointError
 from .methods import Method
+from .optim import Optimization
 from .provenance import environment
 from .run_state import RunState
-from .optim import Optimization
 
 
 class CheckpointPolicy:

@@ -14,7 +14,6 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

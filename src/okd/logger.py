@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 
 from . import metrics
 
+
 def text_logger(log_file: Path) -> logging.Logger:
     logger = logging.getLogger(f"okd.run.{log_file}")
     logger.setLevel(logging.INFO)

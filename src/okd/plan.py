@@ -30,7 +30,6 @@ from .metrics import median_img_per_s, read_metrics
 from .paper import BACKBONE_ROWS, TABLE_METHODS
 
 
-
 @dataclass
 class Cell:
     backbone: str

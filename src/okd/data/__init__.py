@@ -3,8 +3,9 @@ so a dataset loader in a new file here, decorated with ``@DATASETS.register``, i
 from ..registry import import_submodules
 from .augment import EpochDraws, Normalizer, crop_flip, derive_seed, epoch_order
 from .batches import training_batches
-from .datasets import DATASETS, Dataset, Split, load_dataset
+from .datasets import DATASETS, load_dataset
 from .resident import Batch, BatchStream
+from .splits import Dataset, Split
 
 import_submodules(__name__, __path__)
 

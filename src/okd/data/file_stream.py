@@ -29,9 +29,15 @@ from torch.utils.data import Dataset as TorchDataset
 from ..distributed import DistInfo
 from ..errors import DataError
 from .augment import Normalizer, derive_seed, epoch_order
-from .datasets import FileSplit
-from .images import UnreadableImage, eval_view, pad_crop_flip, read_image, resized_crop_flip
+from .images import (
+    UnreadableImage,
+    eval_view,
+    pad_crop_flip,
+    read_image,
+    resized_crop_flip,
+)
 from .resident import Batch
+from .splits import FileSplit
 
 VIEW_SEED_TAG = 0xA116  # keeps the per-image seeds apart from the other (seed, epoch, ...) streams
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 from ..errors import DataError
-from .datasets import DATASETS, Dataset, FileSplit, default_root
+from .datasets import DATASETS, default_root
+from .splits import Dataset, FileSplit
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".webp", ".tif", ".tiff"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

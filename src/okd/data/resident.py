@@ -16,7 +16,7 @@ import torch
 
 from ..distributed import DistInfo
 from .augment import EpochDraws, Normalizer, crop_flip
-from .datasets import Split
+from .splits import Split
 
 
 @dataclass

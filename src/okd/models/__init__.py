@@ -11,7 +11,15 @@ HOME = Path(__file__).resolve().parent
 BACKBONES = Registry(
     "model", hint=f"a new backbone is a file in {HOME}/ whose spec function has @BACKBONES.register('{{name}}')")
 
-from .nets import BackboneSpec, Branch, BranchOutput, BranchOutputs, IndependentNets, MultiBranchNet, SingleNet  # noqa: E402
+from .nets import (  # noqa: E402
+    BackboneSpec,
+    Branch,
+    BranchOutput,
+    BranchOutputs,
+    IndependentNets,
+    MultiBranchNet,
+    SingleNet,
+)
 
 import_submodules(__name__, __path__)
 

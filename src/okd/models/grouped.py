@@ -18,9 +18,12 @@ and write the BatchNorm running statistics back to them. The tree is kept
 outside the module hierarchy, so it holds no parameters of its own.
 
 Supported layers: Conv2d, BatchNorm2d, Linear, parameter-free layers (ReLU,
-pooling, Flatten, Dropout) and containers of them; a backbone's own block
-declares its grouped form beside it (``@grouped_form``, as DenseNet's
-concatenating layer does). Anything else raises ``NotImplementedError`` when
+pooling, Flatten, Dropout) and containers of them, whose own ``forward`` runs
+over the grouped children (right when it treats channels alike, as a residual
+sum does). A backbone's block that joins or splits channels declares its
+grouped form beside it (``@grouped_form``, as DenseNet's concatenating layer
+does in ``models/densenet.py``); the batched-branches tests, run over every
+registered backbone, catch one that does not. Anything else raises ``NotImplementedError`` when
 batching is enabled, never during training.
 """
 from __future__ import annotations
