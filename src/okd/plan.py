@@ -177,10 +177,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         cells = plan(cfg, args.backbones.split(), args.methods.split(), [int(s) for s in args.seeds.split()],
                      args.measure, device, args.name, classes)
         print(report(cells, args.name or cfg.data.name, images, gpus))
+        return 0
     except OkdError as exc:
         print(f"okd-plan: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

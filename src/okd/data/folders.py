@@ -71,6 +71,14 @@ def check_same_classes(train: List[str], test: List[str], train_dir: Path, test_
         raise DataError(f"the class folders of '{train_dir}' and '{test_dir}' differ: {which}; make them match")
 
 
+def class_tree_splits(train_dir: Path, test_dir: Path) -> Tuple[List[str], FileSplit, FileSplit]:
+    """(classes, train, test) of two ``<class>/<image>`` trees that must have the same class folders."""
+    classes, train_items = list_class_tree(train_dir)
+    test_classes, test_items = list_class_tree(test_dir)
+    check_same_classes(classes, test_classes, train_dir, test_dir)
+    return classes, FileSplit.build(train_dir, train_items), FileSplit.build(test_dir, test_items)
+
+
 @DATASETS.register("imagefolder")
 def imagefolder(cfg) -> Dataset:
     """``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``root/val/<class>/*``), any image size;
@@ -81,11 +89,8 @@ def imagefolder(cfg) -> Dataset:
     test_dir = root / "test" if (root / "test").is_dir() or not (root / "val").is_dir() else root / "val"
     for d in (train_dir, test_dir):
         require_dir(d, f"'{root}/train/<class>/*' and '{root}/test/<class>/*' (an ImageFolder tree)")
-    classes, train_items = list_class_tree(train_dir)
-    test_classes, test_items = list_class_tree(test_dir)
-    check_same_classes(classes, test_classes, train_dir, test_dir)
-    return Dataset("imagefolder", FileSplit.build(train_dir, train_items), FileSplit.build(test_dir, test_items),
-                   classes, None, None, image_size=32, augment="crop_flip")
+    classes, train, test = class_tree_splits(train_dir, test_dir)
+    return Dataset("imagefolder", train, test, classes, None, None, image_size=32, augment="crop_flip")
 
 
 @DATASETS.register("imagenet", train_images=1_281_167, num_classes=1000)
@@ -101,11 +106,9 @@ def imagenet(cfg) -> Dataset:
     if not class_folders(val_dir) and image_files(val_dir):
         raise DataError(f"'{val_dir}' holds the validation images directly; sort them into '{val_dir}/<wnid>/' "
                         f"folders with the devkit's ground truth (the common valprep.sh does this)")
-    classes, train_items = list_class_tree(train_dir)
-    val_classes, val_items = list_class_tree(val_dir)
-    check_same_classes(classes, val_classes, train_dir, val_dir)
-    return Dataset("imagenet", FileSplit.build(train_dir, train_items), FileSplit.build(val_dir, val_items),
-                   classes, IMAGENET_MEAN, IMAGENET_STD, image_size=224, augment="resized_crop")
+    classes, train, val = class_tree_splits(train_dir, val_dir)
+    return Dataset("imagenet", train, val, classes, IMAGENET_MEAN, IMAGENET_STD, image_size=224,
+                   augment="resized_crop")
 
 
 @DATASETS.register("tinyimagenet", train_images=100_000, num_classes=200)
