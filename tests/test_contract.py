@@ -226,3 +226,21 @@ def test_every_dataset_that_declares_its_size_has_it():
     digits = load_dataset(DataConfig(name="digits"))
     assert (len(digits.train), digits.num_classes) == (declared["digits"]["train_images"], 10) == (1_438, 10)
     assert dataset_size(DataConfig(name="cifar100", train_subset=1000)) == (1000, 100)
+
+
+def datasets_on_files():
+    from okd.data import DATASETS
+
+    return [name for name in DATASETS.names() if name != "digits"]  # the digits are embedded: never missing
+
+
+@pytest.mark.parametrize("name", datasets_on_files())
+def test_every_dataset_on_files_says_in_one_line_what_it_expected_where(name, tmp_path):
+    from okd.config import DataConfig
+    from okd.data import load_dataset
+    from okd.errors import DataError
+
+    with pytest.raises(DataError) as failure:
+        load_dataset(DataConfig(name=name, root=str(tmp_path / "empty")))
+    message = str(failure.value)
+    assert "\n" not in message and str(tmp_path / "empty") in message, message

@@ -84,11 +84,11 @@ def test_the_partial_batch_runs_inside_the_graphs_memory_pool_once_there_is_a_gr
     step, _ = pcl_train_step()
     graphed, cuda = standin_graphed_step(step, CUDA1, ListLog(), warmup=1)
     views, labels = random_batch(3, batch=3)
-    graphed(views, labels, 0, full=False)  # before any graph: nothing to share
+    graphed(views, labels)  # before any graph: nothing to share
     assert cuda.pool_entries == 0
     for v, y in batches(3, partial=0):
-        graphed(v, y, 0, full=True)  # warm-up, capture
-    graphed(views, labels, 0, full=False)
+        graphed(v, y)  # warm-up, capture
+    graphed(views, labels)
     with graphed.memory():  # what the trainer wraps evaluation in
         pass
     assert graphed.captured and cuda.pool_entries == 2
