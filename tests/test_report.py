@@ -87,7 +87,7 @@ def test_reads_a_real_run(tmp_path, capsys):
 
 def test_reads_metrics_of_both_versions_alike(tmp_path, capsys):
     """metrics_version 1 (raw terms, no kd_weight) and 2 (weighted terms) run directories in one table."""
-    from okd.report import read_metrics
+    from okd.metrics import read_metrics
 
     old = fake_run(tmp_path, "cifar10", "resnet32", "pcl", 0, [50.0, 60.0])
     v1 = [{"epoch": 1, "train": {"loss": {"total": 9.0, "ce_peers": 6.0, "kd_mean": 100.0}},

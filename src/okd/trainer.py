@@ -8,10 +8,10 @@ loss = sum of the method's weighted terms, backward, optimizer,
 ``train.cuda_graphs``) -> per-epoch evaluation -> logger and
 ``CheckpointPolicy``. One step is four hops: ``fit`` -> ``train_epoch`` ->
 ``step`` -> the method's ``forward_train`` -> its loss functions. The host reads
-the device only at the sync points that ``okd.sync.SyncPolicy`` decides. Progress lives in a ``RunState``, which includes the
-position inside the current epoch, so a checkpoint written mid-epoch
-(``checkpoint.every_n_steps``, or on SIGTERM/SIGINT) continues exactly where it
-stopped. Under torchrun each process trains its slice of every global batch
+the device only at the sync points that ``okd.sync.SyncPolicy`` decides.
+Progress lives in a ``RunState``, which includes the position inside the
+current epoch, so a checkpoint written mid-epoch (``checkpoint.every_n_steps``,
+or on SIGTERM/SIGINT) continues exactly where it stopped. Under torchrun each process trains its slice of every global batch
 (see ``okd.distributed``).
 """
 from __future__ import annotations
@@ -59,7 +59,8 @@ class Trainer:
         if graphed_step is None and use_cuda_graphs(cfg, device, dist, log):
             graphed_step = GraphedStep
         self.graphed = graphed_step(self.train_step, device, log) if graphed_step is not None else None
-        self.step = self.graphed or self.train_step  # step(views, labels): the graph is a local wrapper
+        # step(views, labels): the TrainStep, or the CUDA graph that wraps it
+        self.step = self.graphed if self.graphed is not None else self.train_step
 
     def fit(self) -> None:
         with StopSignals() as signals:

@@ -174,7 +174,10 @@ class Method(nn.Module, metaclass=ABCMeta):
     def training_loss(self, views: List[torch.Tensor], labels: torch.Tensor, epoch: int
                       ) -> Tuple[torch.Tensor, Terms]:
         """(loss, terms) of one batch in ``epoch``, outside the trainer (tests, benchmarks)."""
-        self.kd_scale.fill_(self.options.kd_scale(epoch) or 0.0)
+        # a new tensor rather than fill_: a loss built earlier (another epoch) keeps the factor autograd saved
+        # for it; the trainer fills the one buffer in place, which a CUDA graph of the step reads
+        self.kd_scale = torch.full((), self.options.kd_scale(epoch) or 0.0, dtype=self.kd_scale.dtype,
+                                   device=self.kd_scale.device)
         terms = self.forward_train(views, labels)
         return total_loss(terms), terms
 
