@@ -108,7 +108,7 @@ def test_an_incomplete_method_fails_when_built_naming_what_is_missing():
         class Options(MethodOptions):
             pass
 
-        def forward_train(self, views, labels, epoch):
+        def forward_train(self, views, labels):
             return {}
 
         def evaluate_logits(self, images):
@@ -162,7 +162,7 @@ def extension_examples():
     return {path: code for code, path in blocks}
 
 
-def test_the_readme_extension_examples_work_as_printed(tmp_path):
+def test_the_extension_examples_work_as_printed(tmp_path):
     from okd.config import DataConfig, load_config
     from okd.data import DATASETS, load_dataset
 
@@ -174,7 +174,7 @@ def test_the_readme_extension_examples_work_as_printed(tmp_path):
     try:
         for path, code in examples.items():
             added.append(registries[path])
-            exec(compile(code, path, "exec"), {"__name__": f"readme_{Path(path).stem}"})
+            exec(compile(code, path, "exec"), {"__name__": f"extending_{Path(path).stem}"})
         # the method keeps the contract (and trains through the config like any other)
         test_every_method_keeps_the_contract_on_every_backbone("ekd", "resnet8_tiny")
         cfg = load_config(None, ["method.name=ekd", "method.temperature=4", "model.name=resnet20"])

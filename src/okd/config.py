@@ -96,6 +96,11 @@ class OutputConfig:
     run_name: Optional[str] = None  # null: <dataset>_<model>_<method>_seed<seed>
 
 
+def default_run_name(dataset: str, model: str, method: str, seed: int) -> str:
+    """A run's directory name without ``output.run_name`` (and a cell's of the comparison table)."""
+    return f"{dataset}_{model}_{method}_seed{seed}"
+
+
 @dataclass
 class Config:
     seed: int = 0
@@ -111,9 +116,7 @@ class Config:
 
     @property
     def run_name(self) -> str:
-        if self.output.run_name:
-            return self.output.run_name
-        return f"{self.data.name}_{self.model.name}_{self.method.name}_seed{self.seed}"
+        return self.output.run_name or default_run_name(self.data.name, self.model.name, self.method.name, self.seed)
 
     @property
     def run_dir(self) -> Path:

@@ -87,7 +87,7 @@ class Optimization:
 
     def state_dict(self) -> Dict:
         optimizer = self.optimizer.state_dict()
-        for group in optimizer["param_groups"]:  # plain floats in the file, as before
+        for group in optimizer["param_groups"]:  # plain floats in the file (older files have them)
             group["lr"] = float(group["lr"])
         return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 

@@ -24,7 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .config import Config, load_config
+from . import metrics
+from .config import Config, default_run_name, load_config
 from .errors import OkdError
 from .metrics import median_img_per_s, read_metrics
 from .paper import BACKBONE_ROWS, TABLE_METHODS
@@ -49,12 +50,12 @@ class Cell:
 
 
 def run_dir(root: Path, dataset: str, cell: Cell) -> Path:
-    return root / f"{dataset}_{cell.backbone}_{cell.method}_seed{cell.seed}"
+    return root / default_run_name(dataset, cell.backbone, cell.method, cell.seed)
 
 
 def measured_speed(path: Path) -> Tuple[int, Optional[float]]:
     """(finished epochs, median training img/s) of a run directory."""
-    if not (path / "metrics.jsonl").is_file():
+    if not (path / metrics.FILE).is_file():
         return 0, None
     records = [r for r in read_metrics(path) if "train" in r]
     if not records:

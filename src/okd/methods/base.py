@@ -147,7 +147,7 @@ class Method(nn.Module, metaclass=ABCMeta):
         options.check()
         self.options = options
         self.num_classes = num_classes
-        # options.kd_scale(epoch) on the device, filled in place by the trainer, never reallocated
+        # options.kd_scale(epoch) on the device, filled in place by the trainer (a CUDA graph reads it)
         self.register_buffer("kd_scale", torch.zeros(()), persistent=False)
 
     def __init_subclass__(cls, **kwargs):
