@@ -24,9 +24,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import metrics
 from .config import Config, default_run_name, load_config
 from .errors import OkdError
+from .metrics import FILE as METRICS_FILE
 from .metrics import median_img_per_s, read_metrics
 from .paper import BACKBONE_ROWS, TABLE_METHODS
 
@@ -55,7 +55,7 @@ def run_dir(root: Path, dataset: str, cell: Cell) -> Path:
 
 def measured_speed(path: Path) -> Tuple[int, Optional[float]]:
     """(finished epochs, median training img/s) of a run directory."""
-    if not (path / metrics.FILE).is_file():
+    if not (path / METRICS_FILE).is_file():
         return 0, None
     records = [r for r in read_metrics(path) if "train" in r]
     if not records:

@@ -33,7 +33,7 @@ MISSING = "—"
 
 def method_title(method: str) -> str:
     """A method's column header: its registered title (``@METHODS.register(name, title=...)``)."""
-    return METHODS.meta(method).get("title", method) if method in METHODS else method
+    return METHODS.meta(method)["title"] if method in METHODS else method  # every method registers one
 
 
 def rank(name: str, order: Sequence[str]) -> Tuple[int, str]:
