@@ -58,8 +58,11 @@ def load_checked_dataset(cfg: Config):
 
 def build_run_method(cfg: Config, num_classes: int, device: torch.device, image_size: int = 32) -> Method:
     torch.manual_seed(cfg.seed)  # the seed alone fixes the initial weights, on every rank
-    spec = backbone_spec(cfg.model.name, num_classes, **cfg.model_options())
-    check_input_size(cfg.model.name, spec, image_size, cfg.data.name)
+    specs = [backbone_spec(name, num_classes, **cfg.model_options(name)) for name in cfg.model.names]
+    for name, spec in zip(cfg.model.names, specs):
+        check_input_size(name, spec, image_size, cfg.data.name)
+    # a cohort's networks one spec each; one backbone for all members as one spec
+    spec = specs[0] if len(set(cfg.model.names)) == 1 else specs
     method = build_method(cfg.method.name, spec, num_classes, cfg.method)
     if cfg.train.sync_bn:
         method = convert_sync_batchnorm(method)  # per-view statistics kept under method.fused_views

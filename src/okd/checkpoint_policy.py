@@ -34,13 +34,15 @@ class CheckpointPolicy:
 
     def save_last(self, cfg: Config, method: Method, optimization: Optimization, state: RunState) -> None:
         if self.run_dir is not None:
-            payload = {**training_state(cfg, method, optimization, state), "deploy": method.deployable_state_dict()}
+            payload = {**training_state(cfg, method, optimization, state), "deploy": method.deployable_state_dict(),
+                       "deploy_model": method.deployable_backbone}
             checkpoint_file.save_atomic(payload, self.run_dir / "last.pt", keep_previous=True)
 
     def save_best(self, cfg: Config, method: Method, state: RunState) -> None:
         if self.run_dir is not None:
             payload = {**identity(cfg, method), "epoch": state.epoch, "global_step": state.step,
-                       **state.summaries(), "config": cfg.to_dict(), "deploy": method.deployable_state_dict()}
+                       **state.summaries(), "config": cfg.to_dict(), "deploy": method.deployable_state_dict(),
+                       "deploy_model": method.deployable_backbone}
             checkpoint_file.save_atomic(payload, self.run_dir / "best.pt")
 
 

@@ -108,7 +108,7 @@ def log_header(log, cfg: Config, dataset, method: Method, device, dist: DistInfo
              + (f" | torchrun world size {dist.world_size}" if dist.enabled else ""))
     log.info(f"data {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} test images, "
              f"{dataset.num_classes} classes, {dataset.image_size}px {dataset.augment}, {dataset.pipeline} "
-             f"pipeline | model {cfg.model.name}{f' ({model})' if model else ''} | method "
+             f"pipeline | model {cfg.model.label}{f' ({model})' if model else ''} | method "
              f"{cfg.method.name} | trainable parameters "
              f"{sum(p.numel() for g in method.parameter_groups() for p in g['params']):,}")
     if resume_from is not None:

@@ -14,7 +14,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
@@ -45,10 +45,26 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet32"
+    # a backbone, or a cohort: one backbone per independent network (DML, KDCL, MCL, SwitOKD)
+    name: Union[str, List[str]] = "resnet32"
     num_classes: Optional[int] = None  # null: taken from the data
     dropout: Optional[float] = None  # VGG branch dropout; null: the method's default (0.5 ONE/CL/OKDDip, else 0)
     final_norm: Optional[bool] = None  # DenseNet's final BatchNorm; null: true (false: the PCL reproduction's)
+
+    @property
+    def names(self) -> List[str]:
+        """The backbones, one per network of a cohort (a single backbone: a list of one)."""
+        return list(self.name) if isinstance(self.name, list) else [self.name]
+
+    @property
+    def label(self) -> str:
+        """What runs, reports and run names call the model: the backbone, or a cohort's joined by '+'."""
+        return model_label(self.name)
+
+
+def model_label(name: Union[str, List[str]]) -> str:
+    """``resnet32``, or ``resnet32+wrn16_2`` for a cohort of two networks."""
+    return "+".join(name) if isinstance(name, list) else str(name)
 
 
 @dataclass
@@ -116,7 +132,7 @@ class Config:
 
     @property
     def run_name(self) -> str:
-        return self.output.run_name or default_run_name(self.data.name, self.model.name, self.method.name, self.seed)
+        return self.output.run_name or default_run_name(self.data.name, self.model.label, self.method.name, self.seed)
 
     @property
     def run_dir(self) -> Path:
@@ -127,9 +143,10 @@ class Config:
         tree["method"] = {"name": self.method.name, **tree["method"]}
         return tree
 
-    def model_options(self) -> Dict[str, Any]:
-        """Keyword options of the backbone: the ``model`` keys it takes, nulls resolved."""
-        takes = backbone_options(self.model.name)
+    def model_options(self, backbone: Optional[str] = None) -> Dict[str, Any]:
+        """Keyword options of ``backbone`` (by default the first network's): the ``model`` keys it
+        takes, nulls resolved."""
+        takes = backbone_options(backbone or self.model.names[0])
         options = {"dropout": self.model.dropout, "final_norm": self.model.final_norm}
         if options["dropout"] is None and "dropout" in takes:
             options["dropout"] = METHODS.get(self.method.name).branch_dropout
@@ -231,7 +248,8 @@ def _describe(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _describe(inner[0]) + " or null"
+        nullable = " or null" if len(inner) < len(typing.get_args(tp)) else ""
+        return " or ".join(_describe(a) for a in inner) + nullable
     if origin in (list, List):
         return f"a list of {_describe(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
     return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
@@ -241,10 +259,18 @@ def coerce(value: Any, tp, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
     origin = typing.get_origin(tp)
     if origin is typing.Union:
-        if value is None:
+        if value is None and type(None) in typing.get_args(tp):
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return coerce(value, inner[0], key)
+        for option in inner[:-1]:
+            try:
+                return coerce(value, option, key)
+            except ConfigError:
+                pass
+        try:
+            return coerce(value, inner[-1], key)
+        except ConfigError:
+            raise ConfigError(f"config key '{key}' must be {_describe(tp)}, got {value!r}") from None
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be {_describe(tp)}, got {value!r}")
@@ -319,7 +345,7 @@ def validate(cfg: Config) -> None:
     from .models import BACKBONES
 
     DATASETS.canonical(cfg.data.name)
-    cfg.model.name = BACKBONES.canonical(cfg.model.name)
+    validate_model_names(cfg)
     _positive(cfg.optim.lr, "optim.lr")
     _positive(cfg.train.epochs, "train.epochs")
     _positive(cfg.train.batch_size, "train.batch_size")
@@ -377,12 +403,49 @@ def validate(cfg: Config) -> None:
             _positive(value, f"data.{key}")
     if cfg.model.num_classes is not None:
         _positive(cfg.model.num_classes, "model.num_classes")
-    check_model_options(cfg.model.name, dropout=cfg.model.dropout, final_norm=cfg.model.final_norm)
+    check_cohort_options(cfg.model)
     if cfg.model.dropout is not None and not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
     dev = cfg.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got '{dev}'")
+
+
+def validate_model_names(cfg: Config) -> None:
+    """Canonical backbone names; a cohort only for a method of independent networks, one per network."""
+    from .models import BACKBONES
+
+    if isinstance(cfg.model.name, str) and "+" in cfg.model.name:  # a cohort's label: resnet32+wrn16_2
+        cfg.model.name = cfg.model.name.split("+")
+    if isinstance(cfg.model.name, list):
+        if not cfg.model.name:
+            raise ConfigError("config key 'model.name' is an empty list; name a backbone, or one per network")
+        cfg.model.name = [BACKBONES.canonical(n) for n in cfg.model.name]
+        if len(cfg.model.name) == 1:
+            cfg.model.name = cfg.model.name[0]
+    else:
+        cfg.model.name = BACKBONES.canonical(cfg.model.name)
+    names = cfg.model.names
+    method = METHODS.get(cfg.method.name)
+    size = method.cohort_size(cfg.method)
+    if size is None and len(set(names)) > 1:
+        raise ConfigError(f"method {cfg.method.name} {method.identical_networks}, so model.name must be one "
+                          f"backbone; got {cfg.model.label}")
+    if size is not None and len(names) > 1 and len(names) != size:
+        raise ConfigError(f"model.name lists {len(names)} backbones ({cfg.model.label}) but method "
+                          f"{cfg.method.name} trains {size} networks{method.cohort_hint}; list one backbone per "
+                          f"network or a single backbone for all")
+
+
+def check_cohort_options(model: ModelConfig) -> None:
+    """``model.dropout`` / ``final_norm`` must apply to some backbone of the model (each takes what it can)."""
+    names = list(dict.fromkeys(model.names))
+    if len(names) == 1:
+        check_model_options(names[0], dropout=model.dropout, final_norm=model.final_norm)
+        return
+    for key in ("dropout", "final_norm"):
+        if getattr(model, key) is not None and not any(key in backbone_options(n) for n in names):
+            check_model_options(names[0], **{key: getattr(model, key)})  # its one-line error
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -53,7 +53,9 @@ def find_run_dirs(paths: Iterable[str]) -> List[Path]:
 def read_run(run_dir: Path, metric: str = "reported") -> Optional[Run]:
     try:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        run = Run(run_dir, cfg["data"]["name"], cfg["model"]["name"], cfg["method"]["name"], int(cfg["seed"]),
+        model = cfg["model"]["name"]  # a cohort's backbones are joined: resnet32+wrn16_2
+        run = Run(run_dir, cfg["data"]["name"], "+".join(model) if isinstance(model, list) else model,
+                  cfg["method"]["name"], int(cfg["seed"]),
                   int(cfg["train"]["epochs"]))
     except (yaml.YAMLError, KeyError, TypeError, ValueError, OSError):
         print(f"okd-report: skipping '{run_dir}': unreadable config.yaml", file=sys.stderr)

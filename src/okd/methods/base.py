@@ -41,7 +41,7 @@ from __future__ import annotations
 import inspect
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -133,6 +133,20 @@ class Method(nn.Module, metaclass=ABCMeta):
     Options = MethodOptions
     num_views: int = 1
     branch_dropout: float = 0.0  # default model.dropout of backbones with dropout (VGG)
+    # why ``model.name`` must be one backbone for this method (``cohort_size`` None)
+    identical_networks: ClassVar[str] = "shares one trunk between its branches"
+    cohort_hint: ClassVar[str] = " (method.num_networks)"  # the option that sets the cohort's size
+
+    @classmethod
+    def cohort_size(cls, options: MethodOptions) -> Optional[int]:
+        """How many independent networks ``model.name`` may list one backbone each for; None: the method
+        needs one backbone for all its members."""
+        return None
+
+    @property
+    def deployable_backbone(self) -> str:
+        """The backbone of ``deployable_state_dict`` (``okd.create_model``'s name)."""
+        return self.backbones[0]
 
     def __new__(cls, *args, **kwargs):
         missing = sorted(getattr(cls, "__abstractmethods__", ()))
@@ -142,11 +156,13 @@ class Method(nn.Module, metaclass=ABCMeta):
                 f"see docs/extending.md")
         return super().__new__(cls)
 
-    def __init__(self, spec: BackboneSpec, num_classes: int, options: MethodOptions):
+    def __init__(self, spec: Union[BackboneSpec, Sequence[BackboneSpec]], num_classes: int, options: MethodOptions):
         super().__init__()
         options.check()
         self.options = options
         self.num_classes = num_classes
+        # the members' backbone names: one for a single backbone, one per network for a cohort
+        self.backbones = [s.name for s in spec] if isinstance(spec, (list, tuple)) else [spec.name]
         # options.kd_scale(epoch) on the device, filled in place by the trainer (a CUDA graph reads it)
         self.register_buffer("kd_scale", torch.zeros(()), persistent=False)
 
@@ -201,14 +217,34 @@ def member_summaries(acc: Dict[str, float], prefix: str, count: int, noun: str) 
             Summary(f"mean_{prefix}", f"mean over {plural(noun)}", sum(values) / count)]
 
 
+def cohort_summaries(acc: Dict[str, float], prefix: str, backbones: Sequence[str], noun: str,
+                     reported: int = 0, rule: str = "reported") -> List[Summary]:
+    """Networks of different backbones: the reported one first, then each network labelled with its
+    backbone (a mean over different architectures would mix them)."""
+    label = "{noun} {i} ({backbone})"
+    first = f"{noun} {reported + 1} ({backbones[reported]}, {rule})"
+    return [Summary("reported", first, acc[f"{prefix}{reported + 1}"]),
+            *(Summary(f"{prefix}{i + 1}", label.format(noun=noun, i=i + 1, backbone=b), acc[f"{prefix}{i + 1}"])
+              for i, b in enumerate(backbones))]
+
+
 def plural(noun: str) -> str:
     return noun + ("es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
 
 
 class IndependentNetworksMethod(Method):
-    """Test-time side of methods with m independent networks in ``self.nets`` (DML, KDCL)."""
+    """Test-time side of methods with m independent networks in ``self.nets`` (DML, KDCL); ``model.name``
+    may list one backbone per network (a heterogeneous cohort)."""
 
     nets: IndependentNets
+
+    @classmethod
+    def cohort_size(cls, options) -> Optional[int]:
+        return options.num_networks
+
+    @property
+    def heterogeneous(self) -> bool:
+        return len(set(self.backbones)) > 1
 
     @torch.no_grad()
     def evaluate_logits(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -216,8 +252,9 @@ class IndependentNetworksMethod(Method):
         return {**numbered_logits("net", logits), "ensemble": logit_mean(logits)}
 
     def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
-        return [*member_summaries(acc, "net", len(self.nets), "network"),
-                Summary("ensemble", "logit-mean ensemble", acc["ensemble"])]
+        members = (cohort_summaries(acc, "net", self.backbones, "network") if self.heterogeneous
+                   else member_summaries(acc, "net", len(self.nets), "network"))
+        return [*members, Summary("ensemble", "logit-mean ensemble", acc["ensemble"])]
 
     def deployable_state_dict(self):
         return self.nets.nets[0].state_dict()

@@ -14,6 +14,7 @@ from .base import Method, MethodOptions, Summary
 
 @METHODS.register("vanilla", "baseline", title="Vanilla")
 class Vanilla(Method):
+    identical_networks = "trains one network"
     @dataclass
     class Options(MethodOptions):
         pass

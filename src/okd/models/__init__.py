@@ -1,4 +1,5 @@
 """Backbones. Importing this package imports every module in it, registering each backbone in ``BACKBONES``."""
+import dataclasses
 import inspect
 from pathlib import Path
 from typing import Dict, Optional
@@ -17,6 +18,7 @@ from .nets import (  # noqa: E402
     BranchOutput,
     BranchOutputs,
     IndependentNets,
+    cohort_specs,
     MultiBranchNet,
     SingleNet,
 )
@@ -47,7 +49,8 @@ def check_model_options(name: str, **options) -> Dict:
 
 def backbone_spec(name: str, num_classes: int, **options) -> BackboneSpec:
     """The spec of backbone ``name``; options left None take the backbone's defaults."""
-    return BACKBONES.get(name)(num_classes, **check_model_options(name, **options))
+    spec = BACKBONES.get(name)(num_classes, **check_model_options(name, **options))
+    return dataclasses.replace(spec, name=BACKBONES.canonical(name))
 
 
 def check_input_size(name: str, spec: BackboneSpec, size: int, dataset: str) -> None:
@@ -79,5 +82,5 @@ def create_model(name: str, num_classes: int, dropout: Optional[float] = None,
 
 
 __all__ = ["BACKBONES", "MODEL_OPTIONS", "BackboneSpec", "Branch", "BranchOutput", "BranchOutputs", "IndependentNets",
-           "MultiBranchNet", "SingleNet", "backbone_options", "backbone_spec", "check_input_size", "check_model_options",
+           "MultiBranchNet", "SingleNet", "backbone_options", "cohort_specs", "backbone_spec", "check_input_size", "check_model_options",
            "create_model", "enable_batched_branches"]

@@ -10,7 +10,7 @@ therefore written once, and the split point of docs/methods.md §2 lives only he
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -85,6 +85,7 @@ class BackboneSpec:
     # how this backbone initialises a classifier Linear; methods apply it to the layers they add
     init_linear: Callable[[nn.Linear], None] = no_init
     input_size: Optional[int] = None  # the only image side the network takes (None: any)
+    name: str = ""  # the registered backbone name (``backbone_spec`` sets it)
 
 
 class SingleNet(nn.Module):
@@ -99,12 +100,22 @@ class SingleNet(nn.Module):
         return self.branch(self.trunk(x)).logits
 
 
-class IndependentNets(nn.Module):
-    """``num_nets`` full networks (trunk + branch each), sharing nothing: DML, KDCL."""
+def cohort_specs(spec: Union[BackboneSpec, Sequence[BackboneSpec]], count: int) -> List[BackboneSpec]:
+    """One spec per network: a single backbone repeated, or a cohort's list (its length checked)."""
+    if isinstance(spec, BackboneSpec):
+        return [spec] * count
+    if len(spec) != count:
+        raise ValueError(f"a cohort of {len(spec)} backbones for {count} networks")
+    return list(spec)
 
-    def __init__(self, spec: BackboneSpec, num_nets: int):
+
+class IndependentNets(nn.Module):
+    """``num_nets`` full networks (trunk + branch each), sharing nothing: DML, KDCL. ``spec`` may be a
+    list, one backbone per network (a heterogeneous cohort)."""
+
+    def __init__(self, spec: Union[BackboneSpec, Sequence[BackboneSpec]], num_nets: int):
         super().__init__()
-        self.nets = nn.ModuleList([SingleNet(spec.make_trunk(), spec.make_branch()) for _ in range(num_nets)])
+        self.nets = nn.ModuleList([SingleNet(s.make_trunk(), s.make_branch()) for s in cohort_specs(spec, num_nets)])
 
     def __len__(self) -> int:
         return len(self.nets)
