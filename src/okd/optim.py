@@ -5,6 +5,7 @@ Everything here is what ``last.pt`` saves beside the weights; ``okd.step`` calls
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -20,17 +21,30 @@ class Optimization:
 
     The SGD is the fused kernel (one launch for all parameters; it also takes the
     device-side skip flag), with the learning rate a device tensor that the
-    schedule updates in place.
+    schedule updates in place. A method's parameter group may carry ``lr_scale``
+    (its learning rate relative to ``optim.lr``: SwitOKD's student) and ``hold``,
+    a 0-dim device tensor the method sets during its forward: 1.0 leaves the
+    group's weights and momentum exactly as they were for that step (SwitOKD's
+    paused teacher), decided on the device, so a CUDA graph replays it.
     """
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    holds: List = dataclasses.field(default_factory=list)  # (hold flag, the group's params) per held group
 
     @classmethod
     def build(cls, cfg: Config, method: Method, device: torch.device) -> "Optimization":
         o, s = cfg.optim, cfg.schedule
-        optimizer = torch.optim.SGD(method.parameter_groups(), lr=o.lr, momentum=o.momentum,
+        groups, holds = [], []
+        for group in method.parameter_groups():
+            group = dict(group)
+            if "lr_scale" in group:
+                group["lr"] = o.lr * group.pop("lr_scale")
+            if "hold" in group:  # kept outside the optimizer: its state_dict holds numbers only
+                holds.append((group.pop("hold"), list(group["params"])))
+            groups.append(group)
+        optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum,
                                     nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay, fused=True)
         for group in optimizer.param_groups:  # one device tensor per group, before the schedule reads it
             group["lr"] = torch.tensor(float(group["lr"]), device=device)
@@ -40,7 +54,7 @@ class Optimization:
             milestones = s.milestones if s.name == "multistep" else []
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=s.gamma)
         optimization = cls(optimizer, scheduler,
-                           torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"))
+                           torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"), holds)
         optimization.prepare_state()
         return optimization
 
@@ -103,7 +117,23 @@ class Optimization:
         self.prepare_state()
 
     def step(self, skip: torch.Tensor) -> None:
-        """The optimizer step, not applied where ``skip`` (a 0-dim float on the device) is 1."""
+        """The optimizer step, not applied where ``skip`` (a 0-dim float on the device) is 1; a held
+        group keeps its weights and momentum where its ``hold`` flag is 1."""
+        if not self.holds:
+            return self._step(skip)
+        kept = [(hold, [(t, t.clone()) for p in params for t in (p, *self._momentum(p))])
+                for hold, params in self.holds]
+        self._step(skip)
+        with torch.no_grad():
+            for hold, pairs in kept:
+                for now, before in pairs:
+                    now.copy_(torch.where(hold > 0, before, now))
+
+    def _momentum(self, p: torch.Tensor) -> List[torch.Tensor]:
+        buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+        return [] if buf is None else [buf]
+
+    def _step(self, skip: torch.Tensor) -> None:
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
             # the scaler skips on its own inf/nan gradients; add ours to its flag

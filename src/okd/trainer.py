@@ -166,6 +166,7 @@ class Trainer:
         self.log.epoch_record(record)
         if improved:
             self.checkpoints.save_best(self.cfg, self.method, state)
+        self.method.after_epoch(epoch)  # after best.pt (the weights just tested), before last.pt
         self.checkpoints.save_last(self.cfg, self.method, self.optimization, state)
         if signals.received is not None:  # arrived during evaluation: the epoch is saved, stop here
             raise Interrupted(signals.received, f"after epoch {state.epoch}")

@@ -143,6 +143,11 @@ class Method(nn.Module, metaclass=ABCMeta):
         needs one backbone for all its members."""
         return None
 
+    @classmethod
+    def unsupported(cls, spec: BackboneSpec) -> Optional[str]:
+        """Why this method cannot be built on backbone ``spec`` (its one-line error), or None."""
+        return None
+
     @property
     def deployable_backbone(self) -> str:
         """The backbone of ``deployable_state_dict`` (``okd.create_model``'s name)."""
@@ -201,7 +206,13 @@ class Method(nn.Module, metaclass=ABCMeta):
         """Called after every optimizer step: ``step`` is its 0-based global index and ``applied``
         1.0 when it was taken, 0.0 when the non-finite policy skipped it (0-dim device tensors)."""
 
+    def after_epoch(self, epoch: int) -> None:
+        """Called after each epoch's evaluation (0-based ``epoch``) and before ``last.pt`` is written:
+        bookkeeping on the epoch's scale (OKDPH's fusion of its students)."""
+
     def parameter_groups(self) -> List[Dict]:
+        """SGD groups; a group may set ``lr_scale`` (its lr relative to ``optim.lr``) and ``hold`` (a 0-dim
+        device tensor: 1.0 leaves the group untouched by that step; see ``okd.optim``)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
 

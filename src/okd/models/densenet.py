@@ -91,12 +91,13 @@ def densenet40_12_spec(num_classes: int, growth: int = 12, layers_per_block: int
         init_weights(trunk)
         return trunk
 
-    def make_branch():
-        head = [nn.BatchNorm2d(c3)] if final_norm else []
-        to_map = [dense_block(c2, layers_per_block, growth, bn_size), *head, nn.ReLU(inplace=True)]
+    def deeper_branch(extra_layers: int):
+        channels = c3 + extra_layers * growth
+        head = [nn.BatchNorm2d(channels)] if final_norm else []
+        to_map = [dense_block(c2, layers_per_block + extra_layers, growth, bn_size), *head, nn.ReLU(inplace=True)]
         body = nn.Sequential(*to_map, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        branch = Branch(body, nn.Linear(c3, num_classes), map_layers=len(to_map), pool_layers=len(to_map) + 2)
+        branch = Branch(body, nn.Linear(channels, num_classes), map_layers=len(to_map), pool_layers=len(to_map) + 2)
         init_weights(branch)
         return branch
 
-    return BackboneSpec(make_trunk, make_branch, c3, trunk_channels=c2)
+    return BackboneSpec(make_trunk, lambda: deeper_branch(0), c3, trunk_channels=c2, deeper_branch=deeper_branch)

@@ -86,6 +86,9 @@ class BackboneSpec:
     init_linear: Callable[[nn.Linear], None] = no_init
     input_size: Optional[int] = None  # the only image side the network takes (None: any)
     name: str = ""  # the registered backbone name (``backbone_spec`` sets it)
+    # a branch whose last stage has k more units (blocks or layers): AHBF's deeper branches; None: not built.
+    # ``deeper_branch(0)`` is ``make_branch()``; a deeper branch's last map may have more channels (DenseNet)
+    deeper_branch: Optional[Callable[[int], Branch]] = None
 
 
 class SingleNet(nn.Module):

@@ -99,18 +99,20 @@ def resnet_spec(block, layers: Sequence[int], num_classes: int, widths=(16, 32, 
 
     feature_dim = widths[2] * block.expansion
 
-    def make_branch():
+    def deeper_branch(extra_blocks: int):
         body = nn.Sequential(
-            make_stage(block, widths[1] * block.expansion, widths[2], layers[2], 2, width_factor),
+            make_stage(block, widths[1] * block.expansion, widths[2], layers[2] + extra_blocks, 2, width_factor),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         init_weights(body)
         return Branch(body, nn.Linear(feature_dim, num_classes), map_layers=1, pool_layers=3)
 
-    return BackboneSpec(make_trunk, make_branch, feature_dim, trunk_channels=widths[1] * block.expansion)
+    return BackboneSpec(make_trunk, lambda: deeper_branch(0), feature_dim, trunk_channels=widths[1] * block.expansion,
+                        deeper_branch=deeper_branch)
 
 
 BACKBONES.register("resnet32")(partial(resnet_spec, BasicBlock, [5, 5, 5]))
+BACKBONES.register("resnet56")(partial(resnet_spec, BasicBlock, [9, 9, 9]))  # MCL's resnet56, same family
 BACKBONES.register("resnet110")(partial(resnet_spec, Bottleneck, [12, 12, 12]))
 BACKBONES.register("wrn20_8", "wide_resnet20_8")(partial(resnet_spec, Bottleneck, [2, 2, 2], width_factor=8))
 # A few thousand parameters: for tests and the quickstart, not for papers.

@@ -1,0 +1,364 @@
+"""The methods after PCL (MCL, SwitOKD, OKDPH, AHBF): golden values, gradient paths, schedules and shapes.
+
+Hand values come from the formulas of docs/methods.md §13-16 worked by hand (or, for AHBF's parameter
+counts, from running the authors' model definitions), not from okd's own output.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from okd.config import load_config
+from okd.errors import ConfigError
+from okd.losses import kd_loss, logit_mean
+from okd.methods import METHODS, build_method
+from okd.methods.ahbf import AHBF, FusionModule, ahbf_kd
+from okd.methods.mcl import mcl_terms, sup_contrastive
+from okd.methods.okdph import combine, dirichlet_ones, fuse_
+from okd.methods.switokd import distribution_gaps, expert_mode, switch_threshold
+from okd.models import backbone_spec
+from okd.optim import Optimization
+
+CLASSES = 10
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def make(name, backbone="resnet8_tiny", classes=CLASSES, **options):
+    torch.manual_seed(0)
+    return build_method(name, backbone_spec(backbone, classes), classes, METHODS.get(name).Options(**options)).train()
+
+
+def grads(module, loss):
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+
+
+# ---------------------------------------------------------------- SwitOKD
+
+# (s_gap, t_gap, G) -> expected mode; 1: expert (teacher paused). Worked by hand from
+# delta = s - exp(-t/(t+s)) t and "expert iff G > delta and t < s".
+SEQUENCE = [
+    ((1.8, 1.0, 0.50), 0.0),  # delta 1.100327: G <= delta
+    ((1.6, 0.6, 1.20), 1.0),  # delta 1.143220
+    ((1.0, 1.2, 1.50), 0.0),  # G > delta 0.304506, but the teacher is not ahead (t >= s)
+    ((1.2, 0.4, 0.95), 1.0),  # delta 0.888480
+    ((1.2, 0.4, 0.88), 0.0),  # straight back: no hysteresis
+    ((0.9, 0.9, 1.90), 0.0),  # t == s: the guard is strict
+]
+
+
+def test_switokd_threshold_and_switching_on_a_constructed_sequence():
+    for (s, t, g), mode in SEQUENCE:
+        s_, t_, g_ = (torch.tensor(v, dtype=torch.float64) for v in (s, t, g))
+        assert float(switch_threshold(s_, t_)) == pytest.approx(s - math.exp(-t / (t + s)) * t, abs=1e-12)
+        assert float(expert_mode(s_, t_, g_)) == mode, (s, t, g)
+    # G equal to delta stays in learning mode (strict >); the paper's form without the guard pauses on G > delta alone
+    s_, t_ = torch.tensor(1.2, dtype=torch.float64), torch.tensor(0.4, dtype=torch.float64)
+    assert float(expert_mode(s_, t_, switch_threshold(s_, t_))) == 0.0
+    assert float(expert_mode(torch.tensor(1.0), torch.tensor(1.2), torch.tensor(1.5), teacher_ahead=False)) == 1.0
+
+
+def test_switokd_gaps_and_losses_hand_values():
+    """C = 3, T = 1: values worked by hand (batch means)."""
+    z_t = torch.tensor([[4.0, 0.0, 0.0], [0.0, 3.0, 1.0]])
+    z_s = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    y = torch.tensor([0, 1])
+    s, t, g = distribution_gaps(z_t, z_s, y)
+    assert (float(s), float(t), float(g)) == pytest.approx((1.471174, 0.191542, 1.279632), abs=2e-6)
+    assert float(switch_threshold(s, t)) == pytest.approx(1.300474, abs=2e-6)
+    assert float(expert_mode(s, t, g)) == 0.0
+    assert float(kd_loss(z_s, z_t, 1.0)) == pytest.approx(1.094614, abs=2e-6)  # KL(p_t || p_s)
+    assert float(kd_loss(z_t, z_s, 1.0)) == pytest.approx(1.363555, abs=2e-6)
+    assert float(F.cross_entropy(z_s, y)) == pytest.approx(1.550770, abs=2e-6)
+    s, t, g = distribution_gaps(torch.tensor([[3.0, 3.0, -3.0]]), torch.tensor([[-3.0, -3.0, 3.0]]), torch.tensor([0]))
+    assert float(expert_mode(s, t, g)) == 1.0  # G 1.987658 > delta 1.278240
+
+
+def switokd_step(method, cfg, x, y):
+    opt = Optimization.build(cfg, method, torch.device("cpu"))
+    loss, terms = method.training_loss([x], y, epoch=0)
+    opt.optimizer.zero_grad()
+    loss.backward()
+    opt.step(torch.zeros(()))
+    return opt, terms
+
+
+def test_switokd_expert_mode_leaves_the_teacher_exactly_and_learning_mode_trains_both(monkeypatch):
+    cfg = load_config(None, ["method.name=switokd", "model.name=resnet8_tiny", "device=cpu"])
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, CLASSES, (8,))
+    method = make("switokd")
+    opt = Optimization.build(cfg, method, torch.device("cpu"))
+    assert [float(g["lr"]) for g in opt.optimizer.param_groups] == pytest.approx([0.1, 0.01])  # student 0.1 x optim.lr
+    # learning mode first (a step gives the momentum buffers values), then a forced expert step
+    for mode in (0.0, 1.0):
+        monkeypatch.setattr("okd.methods.switokd.expert_mode", lambda *a, mode=mode: torch.tensor(mode))
+        teacher = [p.detach().clone() for p in method.teacher.parameters()]
+        momentum = [opt.optimizer.state[p]["momentum_buffer"].clone() for p in method.teacher.parameters()]
+        student = [p.detach().clone() for p in method.student.parameters()]
+        bn = next(m for m in method.teacher.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        running = bn.running_mean.clone()
+        loss, terms = method.training_loss([x], y, epoch=0)
+        opt.optimizer.zero_grad()
+        loss.backward()
+        opt.step(torch.zeros(()))
+        method.after_step(torch.tensor(0))
+        same = all(torch.equal(a, b) for a, b in zip(teacher, method.teacher.parameters()))
+        kept = all(torch.equal(a, opt.optimizer.state[p]["momentum_buffer"])
+                   for a, p in zip(momentum, method.teacher.parameters()))
+        assert same == kept == (mode == 1.0)
+        assert float(terms["ce_teacher"].detach()) == 0.0 if mode else float(terms["ce_teacher"].detach()) > 0
+        assert not all(torch.equal(a, b) for a, b in zip(student, method.student.parameters()))  # always trains
+        assert not torch.equal(running, bn.running_mean)  # the paused teacher still runs in train mode
+    assert method.mode_counts.tolist() == [1.0, 2.0]
+
+
+def test_switokd_gradient_paths():
+    method = make("switokd")
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, CLASSES, (6,))
+    _, terms = method.training_loss([x], y, epoch=0)
+    assert all(g is None for g in grads(method.teacher, terms["kd_student"]))  # the teacher target is detached
+    assert all(g is None for g in grads(method.student, terms["kd_teacher"]))
+    assert all(g is None for g in grads(method.student, terms["ce_teacher"]))
+
+
+def test_switokd_cohort_is_teacher_then_student_and_the_student_is_deployed():
+    cfg = load_config(None, ["method.name=switokd", "model.name=[resnet32, resnet8_tiny]"])
+    assert cfg.model.names == ["resnet32", "resnet8_tiny"]
+    method = build_method("switokd", [backbone_spec(n, CLASSES) for n in cfg.model.names], CLASSES, cfg.method)
+    assert count(method.teacher) == 466_906 and method.deployable_backbone == "resnet8_tiny"
+    with pytest.raises(ConfigError, match="lists 3 backbones .* trains 2 networks"):
+        load_config(None, ["method.name=switokd", "model.name=[resnet32, resnet8_tiny, resnet32]"])
+
+
+# ---------------------------------------------------------------- OKDPH
+
+def test_okdph_hybrid_weights_and_fusion_hand_example():
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -2.0])
+    assert torch.equal(combine([a, b], torch.tensor([0.25, 0.75])), torch.tensor([2.5, -1.0]))
+    assert torch.equal(combine([a, b], torch.tensor([0.5, 0.5])), torch.tensor([2.0, 0.0]))
+    s1, s2 = a.clone(), b.clone()
+    fuse_([s1, s2], 0.5)
+    assert torch.equal(s1, torch.tensor([1.5, 1.0])) and torch.equal(s2, torch.tensor([2.5, -1.0]))
+    s1, s2 = a.clone(), b.clone()
+    fuse_([s1, s2], 1.0)
+    assert torch.equal(s1, torch.tensor([2.0, 0.0])) and torch.equal(s2, torch.tensor([2.0, 0.0]))
+    s1, s2 = a.clone(), b.clone()
+    fuse_([s1, s2], 0.5, torch.tensor(0.0))  # a batch that is not a fusion step: exactly unchanged
+    assert torch.equal(s1, a) and torch.equal(s2, b)
+
+
+def test_okdph_dirichlet_draws_are_convex_and_uniform_on_average():
+    torch.manual_seed(0)
+    draws = torch.stack([dirichlet_ones(3, "cpu") for _ in range(4000)])
+    assert (draws >= 0).all() and torch.allclose(draws.sum(1), torch.ones(4000))
+    assert torch.allclose(draws.mean(0), torch.full((3,), 1 / 3), atol=0.02)
+    assert float(draws[:, 0].var()) == pytest.approx(2 / 36, abs=0.006)  # Dir(1,1,1): var = (a0-a)a/(a0^2(a0+1))
+
+
+def test_okdph_kd_to_the_mean_of_students_and_hybrid_hand_value():
+    z1, z2, zh = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([[2.0, 2.0]])
+    teacher = logit_mean([z1, z2, zh])
+    assert torch.equal(teacher, torch.tensor([[1.0, 1.0]]))
+    p1 = torch.tensor([math.exp(0.25), 1.0]) / (math.exp(0.25) + 1)  # softmax(z1 / 4)
+    by_hand = 16 * float((0.5 * torch.log(0.5 / p1)).sum())
+    assert float(kd_loss(z1, teacher, 4.0)) == pytest.approx(by_hand, rel=1e-6)
+    assert by_hand == pytest.approx(0.1247, abs=1e-4)
+
+
+@pytest.mark.parametrize("hybrid_grad", [True, False])
+def test_okdph_hybrid_ce_trains_student_i_through_r_i(monkeypatch, hybrid_grad):
+    method = make("okdph", hybrid_grad=hybrid_grad)
+    with torch.no_grad():  # students that differ (they start equal)
+        for p in method.nets.nets[1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    r = torch.tensor([0.25, 0.75])
+    monkeypatch.setattr(method, "coefficients", lambda: r)
+    views, y = [torch.randn(6, 3, 32, 32) for _ in range(3)], torch.randint(0, CLASSES, (6,))
+    _, terms = method.training_loss(views, y, epoch=0)
+    if not hybrid_grad:  # the code's copy: the HWM's CE is a constant for the students
+        assert not terms["ce_hybrid"].requires_grad
+        return
+    got = [grads(net, terms["ce_hybrid"]) for net in method.nets.nets]
+    # an independent network holding theta_h = 0.25 theta_1 + 0.75 theta_2
+    import okd
+
+    ref = okd.create_model("resnet8_tiny", CLASSES).train()
+    ref.load_state_dict(method.hybrid_state(r, detach=True))
+    direct = torch.autograd.grad((1 - 0.8) * F.cross_entropy(ref(views[2]), y), list(ref.parameters()))
+    for i, ri in enumerate(r.tolist()):
+        for g, d in zip(got[i], direct):
+            assert torch.allclose(g, ri * d, atol=1e-6, rtol=1e-4)
+
+
+def test_okdph_students_start_equal_and_fusion_shrinks_their_spread():
+    method = make("okdph", gamma=0.25)
+    a, b = method.nets.nets
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn_like(p))
+    spread = [(q - p).clone() for p, q in zip(a.parameters(), b.parameters())]
+    method.after_epoch(1)  # fusion_every 1: every epoch
+    for before, p, q in zip(spread, a.parameters(), b.parameters()):
+        assert torch.allclose(q - p, 0.75 * before, atol=1e-5)
+    batch = make("okdph", fusion_unit="batch", fusion_every=5)
+    with torch.no_grad():
+        for p in batch.nets.nets[1].parameters():
+            p.add_(1.0)
+    state = [p.clone() for p in batch.nets.nets[1].parameters()]
+    batch.after_step(torch.tensor(3))  # not a multiple of 5: nothing
+    assert all(torch.equal(s, p) for s, p in zip(state, batch.nets.nets[1].parameters()))
+    batch.after_step(torch.tensor(5), torch.tensor(0.0))  # a skipped step: nothing
+    assert all(torch.equal(s, p) for s, p in zip(state, batch.nets.nets[1].parameters()))
+    batch.after_step(torch.tensor(10))
+    assert not all(torch.equal(s, p) for s, p in zip(state, batch.nets.nets[1].parameters()))
+
+
+def test_okdph_refuses_a_cohort_and_reports_the_code_rule_with_student_one_beside_it():
+    with pytest.raises(ConfigError, match="okdph averages its students' weights, which needs identical networks"):
+        load_config(None, ["method.name=okdph", "model.name=[resnet32, resnet8_tiny]"])
+    method = make("okdph").eval()
+    x = torch.randn(3, 3, 32, 32)
+    out = method.evaluate_logits(x)
+    summaries = method.summary_metrics({"net1": 50.0, "net2": 40.0, "hybrid": 60.0, "ensemble": 55.0})
+    assert summaries[0].value == 60.0 and "code's rule" in summaries[0].label
+    assert summaries[1].value == 50.0 and "single-network protocol" in summaries[1].label
+    import okd
+
+    deployed = okd.create_model("resnet8_tiny", CLASSES).eval()
+    deployed.load_state_dict(method.deployable_state_dict())  # the mean model, as reported
+    assert torch.allclose(deployed(x), out["hybrid"], atol=1e-6)
+
+
+# ---------------------------------------------------------------- MCL
+
+def direct_sup_contrastive(S, y, same_instance=False):
+    """The loss written out anchor by anchor."""
+    rows = []
+    for i in range(len(y)):
+        others = [k for k in range(len(y)) if k != i or same_instance]
+        positives = [k for k in others if y[k] == y[i] and (k != i or same_instance)]
+        if not positives:
+            continue
+        log_den = math.log(sum(math.exp(S[i][k]) for k in others))
+        rows.append(-sum(S[i][p] - log_den for p in positives) / len(positives))
+    return sum(rows) / len(rows)
+
+
+def test_mcl_contrastive_distributions_against_a_direct_computation():
+    torch.manual_seed(1)
+    y = torch.tensor([0, 0, 1, 1, 1, 2])  # anchor 5 has no positive: it is left out
+    v = [F.normalize(torch.randn(6, 8), dim=1) for _ in range(3)]
+    for a in range(3):
+        for b in range(3):
+            S = (v[a] @ v[b].t() / 0.1).double()
+            for same in (False, True):
+                assert float(sup_contrastive(S, y, same)) == pytest.approx(direct_sup_contrastive(S.tolist(), y.tolist(), same),
+                                                                          rel=1e-9)
+    terms = mcl_terms(v, y, tau=0.1, temperature=3.0)
+    S = [[v[a] @ v[b].t() / 0.1 for b in range(3)] for a in range(3)]
+    pairs = [(a, b) for a in range(3) for b in range(3) if a != b]  # 6 ordered pairs for m = 3
+    assert float(terms["vcl"]) == pytest.approx(sum(direct_sup_contrastive(S[a][a].tolist(), y.tolist()) for a in range(3)),
+                                                rel=1e-5)
+    assert float(terms["icl"]) == pytest.approx(sum(direct_sup_contrastive(S[a][b].tolist(), y.tolist()) for a, b in pairs),
+                                                rel=1e-5)
+
+    def kl_rows(student, teacher, T=3.0):
+        p_t, p_s = F.softmax(teacher / T, 1), F.softmax(student / T, 1)
+        return T * T * float((p_t * (p_t.log() - p_s.log())).sum(1).mean())
+
+    assert float(terms["soft_vcl"]) == pytest.approx(sum(kl_rows(S[a][a], S[b][b]) for a, b in pairs), rel=1e-5)
+    assert float(terms["soft_icl"]) == pytest.approx(sum(kl_rows(S[a][b], S[b][a]) for a, b in pairs), rel=1e-5)
+
+
+def test_mcl_at_random_embeddings_each_contrastive_term_is_near_log_of_the_contrast_set():
+    torch.manual_seed(0)
+    y = torch.arange(64).repeat(2)  # two images per class: one positive, 126 negatives per anchor
+    v = [F.normalize(torch.randn(128, 128), dim=1) for _ in range(2)]
+    terms = mcl_terms(v, y, tau=100.0, temperature=3.0)  # tau large: similarities ~ 0
+    assert float(terms["vcl"]) / 2 == pytest.approx(math.log(127), rel=1e-3)
+    assert float(terms["icl"]) / 2 == pytest.approx(math.log(127), rel=1e-3)
+
+
+def test_mcl_gradient_paths_heads_train_and_soft_teachers_are_detached():
+    method = make("mcl")
+    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    _, terms = method.training_loss([x], y, epoch=0)
+    assert all(g is not None for g in grads(method.heads[0], terms["vcl"]))
+    assert all(g is not None for g in grads(method.heads[1], terms["icl"]))  # ICL trains both networks
+    outputs = [net.branch(net.trunk(x)) for net in method.nets.nets]
+    v = [h(o.feature) for h, o in zip(method.heads, outputs)]
+    assert torch.allclose(v[0].norm(dim=1), torch.ones(8), atol=1e-6)
+    S11, S22 = v[0] @ v[0].t() / 0.1, v[1] @ v[1].t() / 0.1
+    one_way = kd_loss(S11, S22.detach(), 3.0)  # network 1 learns network 2's distribution only
+    assert all(g is None for g in grads(method.heads[1], one_way))
+    # the heads are training-only: the deployable network is the plain backbone
+    import okd
+
+    okd.create_model("resnet8_tiny", CLASSES).load_state_dict(method.deployable_state_dict(), strict=True)
+
+
+# ---------------------------------------------------------------- AHBF
+
+def test_ahbf_branch_depths_and_exact_parameter_counts_on_resnet32():
+    """ResNet-32, CIFAR-100, M = 4, aux 4: stage-3 blocks 5/9/13/17; counts from the authors' definitions."""
+    method = make("ahbf", backbone="resnet32", classes=100)
+    net = method.net
+    assert [len(b.body[0]) for b in net.branches] == [5, 9, 13, 17]
+    assert [count(b.body[0]) for b in net.branches] == [353_664, 649_600, 945_536, 1_241_472]
+    assert count(net.trunk) == 112_592 and [count(f) for f in net.fusions] == [8_518] * 3
+    assert count(method) == 3_354_418
+    x = torch.randn(2, 3, 32, 32)
+    shared = net.trunk(x)
+    assert shared.shape == (2, 32, 16, 16)
+    maps = [b.feature_map(shared) for b in net.branches]
+    assert all(fm.shape == (2, 64, 8, 8) for fm in maps)
+    fused, ta = net.fusions[0](maps[0], maps[1], torch.randn(2, 100), torch.randn(2, 100))
+    assert fused.shape == (2, 64, 8, 8) and ta.shape == (2, 100)
+
+
+def test_ahbf_fusion_is_a_convex_mix_of_the_two_levels_logits():
+    torch.manual_seed(0)
+    fusion = FusionModule(6, 6).train()
+    a, b = torch.randn(5, 6, 4, 4), torch.randn(5, 6, 4, 4)
+    za, zb = torch.randn(5, 7), torch.randn(5, 7)
+    fused, ta = fusion(a, b, za, zb)
+    s = fusion.weights(fused)
+    assert torch.allclose(s.sum(1), torch.ones(5)) and (s >= 0).all()
+    assert torch.allclose(ta, s[:, :1] * za + s[:, 1:] * zb)
+
+
+def test_ahbf_hierarchical_kd_terms_and_ramp_up():
+    torch.manual_seed(0)
+    z = [torch.randn(4, 5, requires_grad=True) for _ in range(3)]
+    e = [torch.randn(4, 5, requires_grad=True) for _ in range(2)]
+    T, l1, l2 = 3.0, 2.0, 4.0
+    by_hand = (l2 * kd_loss(z[0], z[1], T) + l1 * kd_loss(z[0], e[0], T) + l1 * kd_loss(z[1], e[0], T)
+               + l2 * kd_loss(e[0], z[2], T) + l1 * kd_loss(e[0], e[1], T) + l1 * kd_loss(z[2], e[1], T))
+    total = ahbf_kd(z, e, T, l1, l2)
+    assert float(total) == pytest.approx(float(by_hand), rel=1e-6)
+    # nothing detached: the teachers' side gets a gradient too
+    assert all(g is not None for g in torch.autograd.grad(total, [*z, *e]))
+    options = AHBF.Options()
+    assert options.kd_scale(0) == pytest.approx(1.5 * 0.5 * math.exp(-5), rel=1e-12)
+    assert options.kd_scale(240) == options.kd_scale(300) == pytest.approx(0.75)
+
+
+def test_ahbf_deploys_the_target_branch_and_refuses_a_backbone_without_deeper_branches():
+    import okd
+
+    method = make("ahbf", num_branches=3, aux_blocks=1).eval()
+    x = torch.randn(3, 3, 32, 32)
+    out = method.evaluate_logits(x)
+    assert list(out) == ["branch1", "branch2", "branch3", "assistant1", "assistant2"]
+    deployed = okd.create_model("resnet8_tiny", CLASSES).eval()
+    deployed.load_state_dict(method.deployable_state_dict(), strict=True)
+    assert torch.equal(deployed(x), out["branch1"])
+    unsupported = [n for n in okd.BACKBONES.names() if backbone_spec(n, CLASSES).deeper_branch is None]
+    for name in unsupported[:1]:
+        with pytest.raises(ConfigError, match=f"method ahbf needs branches of increasing depth, which backbone {name}"):
+            build_method("ahbf", backbone_spec(name, CLASSES), CLASSES, AHBF.Options())
