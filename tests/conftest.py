@@ -43,11 +43,19 @@ def _small_threads():
 
 
 def large_backbones():
-    """Registered backbones of more than a million parameters: their per-backbone tests are marked slow."""
+    """Registered backbones whose per-backbone tests are marked slow: more than a million parameters, or
+    depthwise / grouped convolutions (MobileNetV2, ShuffleNetV2), whose CPU kernels are slow in fp64 and,
+    grouped once more per branch, in the batched path."""
+    from torch import nn
+
     from okd import create_model
     from okd.models import BACKBONES
 
-    return {name for name in BACKBONES.names() if sum(p.numel() for p in create_model(name, 10).parameters()) > 1e6}
+    def costly(model):
+        grouped = any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+        return grouped or sum(p.numel() for p in model.parameters()) > 1e6
+
+    return {name for name in BACKBONES.names() if costly(create_model(name, 10))}
 
 
 def ListLog():

@@ -19,6 +19,22 @@ SPEC = {
     "vgg16": (15_253_578, 15_299_748, 7_640_640, 7_659_108),
     # standard DenseNet-BC head with the final BatchNorm over 132 channels: spec's count + 264
     "densenet40_12": (175_858 + 264, 187_828 + 264, 115_848, 71_980 + 264),
+    # The rows below: full-network counts of the authors' own model files, instantiated outside okd
+    # (winycg/MCL models/resnet.py, models/wrn.py, models/shufflenetv2.py; hfutqian/SwitOKD
+    # SwitOKD_code/CIFAR-100/WRN16-2_0.5mobilenetv2/models/mobilenetv2.py); trunk and branch are okd's split.
+    # MCL's resnet56: BasicBlock [9, 9, 9], option-B shortcuts (resnet32's family)
+    "resnet56": (855_770, 861_620, 205_520, 656_100),
+    # MCL's WideResNet(depth, widen_factor), dropRate 0 (WRN-16-2 "0.70M" in SwitOKD's Table 4)
+    "wrn16_2": (691_674, 703_284, 164_944, 538_340),
+    "wrn40_2": (2_243_546, 2_255_156, 535_120, 1_720_036),
+    "wrn16_4": (2_748_890, 2_772_020, 646_864, 2_125_156),
+    "wrn40_1": (563_930, 569_780, 135_696, 434_084),
+    # SwitOKD's (CRD's) mobile_half, MobileNetV2 T=6 width 0.5 ("0.5MobileNetV2 (0.81M)", SwitOKD Table 4);
+    # split as AHBF's multi-branch mobile_half: stages 5-7 per branch
+    "mobilenetv2": (697_546, 812_836, 67_520, 745_316),
+    # MCL's ShuffleNetV2_1x / ShuffleNetV2_05x (net_size 1 / 0.5)
+    "shufflenetv2": (1_263_854, 1_356_104, 275_068, 1_081_036),
+    "shufflenetv2_x0_5": (352_042, 444_292, 53_184, 391_108),
 }
 
 
@@ -70,7 +86,9 @@ def test_seed_aliases(alias, name):
 
 
 def test_feature_dims_and_outputs():
-    expected = {"resnet32": 64, "resnet110": 256, "wrn20_8": 256, "vgg16": 512, "densenet40_12": 132}
+    expected = {"resnet32": 64, "resnet110": 256, "wrn20_8": 256, "vgg16": 512, "densenet40_12": 132,
+                "resnet56": 64, "wrn16_2": 128, "wrn40_2": 128, "wrn16_4": 256, "wrn40_1": 64, "mobilenetv2": 1280,
+                "shufflenetv2": 1024, "shufflenetv2_x0_5": 1024}
     for name, dim in expected.items():
         assert backbone_spec(name, 10).feature_dim == dim
     torch.manual_seed(0)
