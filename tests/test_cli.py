@@ -10,6 +10,7 @@ from okd import checkpoint_file
 from okd.cli import main
 from okd.config import DataConfig
 from okd.data import Normalizer, load_dataset
+from okd.methods import METHODS
 
 TINY = ["data.train_subset=192", "data.test_subset=96", "train.batch_size=64", "train.eval_batch_size=50",
         "method.rampup_epochs=2", "schedule.milestones=[1]", "train.log_every=2", "device=cpu"]
@@ -131,12 +132,12 @@ def test_finished_run_is_skipped_without_loading_data(tmp_path, capsys, monkeypa
     assert "already finished (1/1 epochs)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("method", ["vanilla", "dml", "cl", "one", "ffl", "okddip", "kdcl"])
+@pytest.mark.parametrize("method", [m for m in METHODS.names() if m != "pcl"])  # pcl: the tests above
 def test_every_method_runs_and_resumes_from_the_command_line(tmp_path, method):
     """One epoch, then a second by rerunning with more epochs: labelled summaries and a loadable model."""
     base = ["--config", str(REPO / "configs/quickstart.yml"), "--save_dir", "run", f"output.root={tmp_path}",
             "--method", method, *[a for a in TINY if not a.startswith("method.")]]
-    extra = ["method.rampup_epochs=2"] if method in ("one", "ffl", "okddip") else []
+    extra = ["method.rampup_epochs=2"] if method in ("one", "ffl", "okddip", "ahbf") else []
     assert main([*base, "train.epochs=1", *extra]) == 0
     assert main([*base, "train.epochs=2", *extra]) == 0
     recs = records(tmp_path / "run")

@@ -117,7 +117,7 @@ def tool_and_flags(command):
         return None, []
     if words[0] == "-m" and words[1].startswith("okd."):
         tool, rest = ["-m", words[1]], words[2:]
-        if words[1] == "okd.results" and rest and not rest[0].startswith("-"):
+        if words[1] in ("okd.results", "okd.table") and rest and not rest[0].startswith("-"):  # a subcommand
             tool, rest = tool + [rest[0]], rest[1:]
     elif words[0] in TOOLS:
         tool, rest = TOOLS[words[0]], words[1:]

@@ -106,3 +106,10 @@ def test_the_paper_table_is_the_one_list_of_methods_and_backbones():
     script = (REPO / "run_table.sh").read_text()
     assert "okd.paper --methods" in script and "okd.paper --backbones" in script
     assert "resnet110" not in script and "okddip" not in script  # the lists are not written out again
+    from okd.paper import ALL_METHODS
+
+    # every registered method has a column in the report, in order of publication after PCL's table
+    assert set(ALL_METHODS) == set(METHODS.names()) and ALL_METHODS[:8] == TABLE_METHODS
+    out = subprocess.run([sys.executable, "-m", "okd.paper", "--all-methods"], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(SRC)}, check=True).stdout
+    assert out.split() == list(ALL_METHODS) and "okd.paper --all-methods" in script

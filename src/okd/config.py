@@ -342,7 +342,6 @@ def validate(cfg: Config) -> None:
     from .data import DATASETS
     from .data.datasets import PIPELINES
     from .data.images import AUGMENTS
-    from .models import BACKBONES
 
     DATASETS.canonical(cfg.data.name)
     validate_model_names(cfg)

@@ -25,10 +25,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .config import Config, default_run_name, load_config
-from .errors import OkdError
+from .errors import ConfigError, OkdError
 from .metrics import FILE as METRICS_FILE
 from .metrics import median_img_per_s, read_metrics
-from .paper import BACKBONE_ROWS, TABLE_METHODS
+from .paper import ALL_METHODS, BACKBONE_ROWS, TABLE_METHODS
 
 
 @dataclass
@@ -118,8 +118,12 @@ def plan(cfg: Config, backbones: Sequence[str], methods: Sequence[str], seeds: S
     for cell in cells:
         pair = (cell.backbone, cell.method)
         if cell.img_per_s is None and pair not in by_pair and measure and cell.done < cell.epochs:
-            by_pair[pair] = (probe_speed(cfg, cell.backbone, cell.method, device, num_classes),
-                              f"measured on {device.type}")
+            try:
+                by_pair[pair] = (probe_speed(cfg, cell.backbone, cell.method, device, num_classes),
+                                 f"measured on {device.type}")
+            except ConfigError as exc:  # a method the backbone cannot carry: its run will refuse too
+                cell.source = f"refused: {exc}"
+                continue
         if cell.img_per_s is None and pair in by_pair:
             cell.img_per_s, cell.source = by_pair[pair]
     return cells
@@ -162,7 +166,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--name", help="the table's name in run directories <name>_<backbone>_<method>_seed<seed> "
                                   "(default: data.name)")
     p.add_argument("--seeds", default="0", help='space-separated seeds, e.g. "0 1 2"')
-    p.add_argument("--methods", default=" ".join(TABLE_METHODS))
+    p.add_argument("--methods", default=" ".join(TABLE_METHODS),
+                   help="space-separated methods (default: PCL's table); 'all': also those after PCL")
     p.add_argument("--backbones", default=" ".join(BACKBONE_ROWS))
     p.add_argument("--gpus", type=int, default=0, help="GPUs the table is spread over (default: all here, else 1)")
     p.add_argument("--measure", action="store_true", help="time a few steps of cells without a measured speed")
@@ -175,7 +180,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                               "cpu" if args.device == "auto" else args.device)
         gpus = args.gpus or max(1, torch.cuda.device_count())
         images, classes = dataset_size(cfg.data)
-        cells = plan(cfg, args.backbones.split(), args.methods.split(), [int(s) for s in args.seeds.split()],
+        methods = ALL_METHODS if args.methods.strip() == "all" else args.methods.split()
+        cells = plan(cfg, args.backbones.split(), methods, [int(s) for s in args.seeds.split()],
                      args.measure, device, args.name, classes)
         print(report(cells, args.name or cfg.data.name, images, gpus))
         return 0

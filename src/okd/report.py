@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .methods import METHODS
-from .paper import BACKBONE_ROWS, TABLE_METHODS, paper_top1
+from .paper import ALL_METHODS, BACKBONE_ROWS, paper_top1, published
 from .results import read_records
 from .runs import ReportError, Run, find_run_dirs, read_run
 
@@ -82,7 +82,7 @@ def markdown(runs: Sequence[Run], include_unfinished: bool = False) -> str:
     for dataset in sorted({r.dataset for r in runs}):
         subset = [r for r in runs if r.dataset == dataset]
         backbones = ordered({r.backbone for r in subset}, BACKBONE_ROWS)
-        methods = ordered({r.method for r in subset}, TABLE_METHODS)
+        methods = ordered({r.method for r in subset}, ALL_METHODS)
         for variant, title in (("best", "best epoch"), ("last", "last epoch")):
             cells = build_cells(subset, variant, include_unfinished)
             out.append(f"### {dataset}: top-1 % of the reported model, {title} (mean ± std over seeds)\n")
@@ -92,9 +92,24 @@ def markdown(runs: Sequence[Run], include_unfinished: bool = False) -> str:
                 row = [cells.get((dataset, b, m), Cell([], [], 0)).text() for m in methods]
                 out.append(f"| {b} | " + " | ".join(row) + " |")
             out.append("")
+        out += published_beside(subset, dataset, build_cells(subset, "best", include_unfinished))
     out.append(f"{MISSING}: no run. running (k): k runs not finished yet"
                + ("" if include_unfinished else " (not counted)") + ".")
     return "\n".join(out) + "\n"
+
+
+def published_beside(runs: Sequence[Run], dataset: str, best: Dict) -> List[str]:
+    """The published numbers of the cells these runs fill, each with its source, beside okd's best epoch."""
+    rows = []
+    for b, m in sorted({(r.backbone, r.method) for r in runs},
+                       key=lambda bm: (rank(bm[0], BACKBONE_ROWS), rank(bm[1], ALL_METHODS))):
+        for p in published(dataset, b, m):
+            rows.append(f"| {b} | {method_title(m)} | {p.top1:.2f} | {best[(dataset, b, m)].text()} | {p.label()} |")
+    if not rows:
+        return []
+    return [f"### {dataset}: published top-1 % of these cells, beside okd's best epoch\n",
+            "| backbone | method | published | okd (best epoch) | setting, protocol, source |",
+            "|---|---|---|---|---|", *rows, ""]
 
 
 def csv_text(runs: Sequence[Run], include_unfinished: bool = False) -> str:
@@ -103,7 +118,7 @@ def csv_text(runs: Sequence[Run], include_unfinished: bool = False) -> str:
     writer.writerow(["dataset", "backbone", "method", "variant", "mean", "std", "n", "seeds", "unfinished"])
     for variant in ("best", "last"):
         cells = build_cells(runs, variant, include_unfinished)
-        keys = sorted(cells, key=lambda k: (k[0], rank(k[1], BACKBONE_ROWS), rank(k[2], TABLE_METHODS)))
+        keys = sorted(cells, key=lambda k: (k[0], rank(k[1], BACKBONE_ROWS), rank(k[2], ALL_METHODS)))
         for key in keys:
             cell = cells[key]
             if cell.values:
@@ -129,7 +144,7 @@ def curves_figure(runs: Sequence[Run], backbone: str, dataset: Optional[str], pa
     if len(datasets) > 1:
         raise ReportError(f"runs of several datasets ({', '.join(datasets)}) for '{backbone}'; pick one with --dataset")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in ordered({r.method for r in chosen}, TABLE_METHODS):
+    for method in ordered({r.method for r in chosen}, ALL_METHODS):
         by_epoch: Dict[int, List[float]] = {}
         seeds = [r for r in chosen if r.method == method]
         for r in seeds:

@@ -105,8 +105,10 @@ class OKDPH(IndependentNetworksMethod):
     def _states(self, detach: bool):
         """Per name, the students' parameters and (detached) buffers, in student 1's naming."""
         nets = self.nets.nets
-        params = {n: [dict(net.named_parameters())[n] for net in nets] for n, _ in nets[0].named_parameters()}
-        buffers = {n: [dict(net.named_buffers())[n] for net in nets] for n, _ in nets[0].named_buffers()}
+        each_params = [dict(net.named_parameters()) for net in nets]
+        each_buffers = [dict(net.named_buffers()) for net in nets]
+        params = {n: [p[n] for p in each_params] for n in each_params[0]}
+        buffers = {n: [b[n] for b in each_buffers] for n in each_buffers[0]}
         if detach:
             params = {n: [p.detach() for p in ps] for n, ps in params.items()}
         return params, buffers

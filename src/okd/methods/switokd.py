@@ -14,7 +14,8 @@ scaling (1 at the default T = 1):
 
   L = CE(z_s, y) + KD_T(z_s <- sg(z_t)) + learning * [CE(z_t, y) + KD_T(z_t <- sg(z_s))]
 
-The switch is decided on the device every batch (no host sync). Reported: the
+The switch is decided on the device every batch (no host sync), from the global
+batch's means under torchrun. Reported: the
 student (the paper's table reports it; best epoch), the teacher beside it.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..distributed import all_reduce_sum
 from ..losses import kd_loss
 from ..models import IndependentNets
 from . import METHODS
@@ -102,7 +104,10 @@ class SwitOKD(IndependentNetworksMethod):
     def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor):
         T = self.options.temperature
         z_t, z_s = self.teacher(views[0]), self.student(views[0])
-        expert = expert_mode(*distribution_gaps(z_t, z_s, labels, T), self.options.teacher_ahead)
+        gaps = torch.stack(distribution_gaps(z_t, z_s, labels, T))
+        if torch.distributed.is_initialized():  # one decision for the global batch: the teacher stays one model
+            gaps = all_reduce_sum(gaps) / torch.distributed.get_world_size()
+        expert = expert_mode(*gaps, self.options.teacher_ahead)
         self.expert.copy_(expert)  # the optimizer holds the teacher's group on it
         learning = 1.0 - expert
         return {"ce_student": F.cross_entropy(z_s, labels),

@@ -18,9 +18,9 @@ from .nets import (  # noqa: E402
     BranchOutput,
     BranchOutputs,
     IndependentNets,
-    cohort_specs,
     MultiBranchNet,
     SingleNet,
+    cohort_specs,
 )
 
 import_submodules(__name__, __path__)
