@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Launch the papers' comparison table for one dataset: every method x backbone x seed, then print
-# the table. Cells are a queue: with several GPUs, one process per GPU takes the next cell until
-# none is left (GPUS="0 1 2 3"; default: every GPU here, else one process on the CPU). Finished
+# the table. Cells are a queue (python -m okd.table, the same cells a Slurm submission takes): with
+# several GPUs, one worker per GPU takes the next cell until none is left (GPUS="0 1 2 3"; default:
+# every GPU here, else one worker on the CPU). Finished
 # cells are skipped (without loading any data) and interrupted ones continue from their last
 # checkpoint, so rerunning this script picks up where it stopped. A failed cell is reported and
 # the rest go on. Before starting, it prints a time estimate for the whole table from measured
@@ -10,8 +11,11 @@
 #   ./run_table.sh cifar100 "0 1 2"                       # the full table, 3 seeds, all GPUs
 #   GPUS="0 1" METHODS="dml pcl" BACKBONES=resnet32 ./run_table.sh cifar10 0 train.epochs=10 'schedule.milestones=[5,8]'
 #   ESTIMATE_ONLY=1 ./run_table.sh cifar100 "0 1 2"      # only the estimate
+#   METHODS=all BACKBONES="resnet32 wrn16_2 wrn16_2+mobilenetv2" ./run_table.sh cifar100 0   # the methods after PCL too
 #
-# PYTHON names the interpreter (default python3). Extra arguments are passed to every run (flags or key=value overrides). Runs go to
+# A backbone joined by '+' is a cohort (one backbone per network, for the methods of independent networks);
+# a method that cannot take a cell's backbone (AHBF on ShuffleNetV2, PCL on a cohort) fails that cell in one line.
+# PYTHON names the interpreter (default python3). Extra key=value overrides are passed to every run. Runs go to
 # runs/<dataset>_<backbone>_<method>_seed<seed>/ (under output.root if you pass one); each
 # cell's output is in its run directory's log.txt, and the console shows one line per cell.
 set -uo pipefail
@@ -31,6 +35,7 @@ if [ ! -f "$config" ]; then
     exit 2
 fi
 methods=${METHODS:-$($PYTHON -m okd.paper --methods)}
+[ "$methods" = all ] && methods=$($PYTHON -m okd.paper --all-methods)  # PCL's table and the methods after it
 backbones=${BACKBONES:-$($PYTHON -m okd.paper --backbones)}
 gpus=${GPUS-$($PYTHON -c "import torch; print(' '.join(map(str, range(torch.cuda.device_count()))))")}
 overrides=()
@@ -40,57 +45,13 @@ $PYTHON -m okd.plan --config "$config" --name "$dataset" --seeds "$seeds" --meth
     --gpus "$(echo ${gpus:-cpu} | wc -w)" --measure "${overrides[@]}" || true
 [ -n "${ESTIMATE_ONLY:-}" ] && exit 0
 
-queue=$(mktemp -d)
-trap 'rm -rf "$queue"' EXIT
-for backbone in $backbones; do for method in $methods; do for seed in $seeds; do
-    echo "$backbone $method $seed"
-done; done; done > "$queue/cells"
-echo 0 > "$queue/next"
-total=$(wc -l < "$queue/cells")
-
-next_cell() {  # the next line of the queue, under a lock shared by all workers; empty when done
-    $PYTHON - "$queue" <<'PY'
-import fcntl, pathlib, sys
-queue = pathlib.Path(sys.argv[1])
-with open(queue / "lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    n = int((queue / "next").read_text())
-    (queue / "next").write_text(str(n + 1))
-    cells = (queue / "cells").read_text().splitlines()
-    print(cells[n] if n < len(cells) else "")
-PY
-}
-
-worker() {  # $1: a GPU index, or "cpu"; the rest: arguments of every run
-    local where=$1
-    shift
-    while true; do
-        cell=$(next_cell)
-        [ -z "$cell" ] && break
-        read -r backbone method seed <<< "$cell"
-        name="${dataset}_${backbone}_${method}_seed${seed}"
-        echo "[$where] start $name"
-        if [ "$where" = cpu ]; then visible=""; else visible=$where; fi
-        if CUDA_VISIBLE_DEVICES=$visible $PYTHON main.py --config "$config" --model "$backbone" --method "$method" \
-                --seed "$seed" --save_dir "$name" "$@" > "$queue/$name.out" 2>&1; then
-            echo "[$where] done  $name: $(grep -h '^.*final |' "$queue/$name.out" | tail -1 | sed 's/.*final | //')"
-        else
-            echo "$name" >> "$queue/failed"
-            echo "[$where] FAILED $name: $(tail -1 "$queue/$name.out")"
-        fi
-    done
-}
-
-echo "run_table.sh: $total cell(s) on ${gpus:-the CPU} ($(echo ${gpus:-cpu} | wc -w) at a time)"
-for g in ${gpus:-cpu}; do
-    worker "$g" "$@" &
-done
-wait
+# the cells go through okd's table engine (python -m okd.table): one worker per GPU takes the next
+# cell from one queue; a Slurm cluster takes the same cells with --engine slurm (docs/cluster.md)
+$PYTHON -m okd.table submit --engine local --config "$config" --name "$dataset" --methods "$methods" \
+    --backbones "$backbones" --seeds "$seeds" --gpus "${gpus:-cpu}" "$@"
+status=$?
 
 root=runs
 for arg in "$@"; do case $arg in output.root=*) root=${arg#output.root=};; esac; done
 $PYTHON -m okd.report "$root" || true
-if [ -s "$queue/failed" ]; then
-    echo "run_table.sh: $(wc -l < "$queue/failed") cell(s) failed: $(tr '\n' ' ' < "$queue/failed")" >&2
-    exit 1
-fi
+exit $status
