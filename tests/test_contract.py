@@ -140,11 +140,11 @@ def test_registering_a_method_without_its_own_options_is_refused():
 
 def test_unknown_names_say_where_a_new_entry_goes():
     with pytest.raises(ConfigError) as err:
-        METHODS.get("mvcl")
+        METHODS.get("dmll")
     text = str(err.value)
-    assert "did you mean 'cl'" in text and "src/okd/methods/" in text and "@METHODS.register('mvcl')" in text
-    with pytest.raises(ConfigError, match=r"src/okd/models/ .*@BACKBONES.register\('resnet56'\)"):
-        BACKBONES.get("resnet56")
+    assert "did you mean 'dml'" in text and "src/okd/methods/" in text and "@METHODS.register('dmll')" in text
+    with pytest.raises(ConfigError, match=r"src/okd/models/ .*@BACKBONES.register\('resnet57'\)"):
+        BACKBONES.get("resnet57")
 
 
 def test_a_new_module_in_a_registry_package_is_found_without_editing_another_file(tmp_path, monkeypatch):

@@ -200,7 +200,7 @@ def build_cells(config: str, methods: Sequence[str], backbones: Sequence[str], s
 
 
 def epochs_done(run_dir: Path) -> int:
-    from .plan import measured_speed
+    from .estimate import measured_speed
 
     return measured_speed(run_dir)[0]
 
@@ -212,7 +212,7 @@ def time_limits(cells: List[Cell], config: str, overrides: Sequence[str], margin
     whose runs give a cell's speed too."""
     import torch
 
-    from .plan import dataset_size, plan
+    from .estimate import dataset_size, plan
 
     cfg = load_config(config, list(overrides))
     device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
