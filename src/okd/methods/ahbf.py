@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..losses import kd_loss
 from ..models import BACKBONES, BackboneSpec
+from ..models.nets import single_state_dict
 from . import METHODS
 from .base import KDOptions, Method, Summary, numbered_logits, require
 
@@ -60,8 +61,8 @@ class HierarchyBranchNet(nn.Module):
         super().__init__()
         self.trunk = spec.make_trunk()
         self.branches = nn.ModuleList([spec.deeper_branch(i * aux_blocks) for i in range(num_branches)])
-        channels = [b.fc.in_features if b.pool_layers == len(b.body) else None for b in self.branches]
-        channels = [c if c is not None else spec.feature_dim for c in channels]  # VGG: hidden FCs keep 512
+        # each branch's last-map width: its classifier's input, unless hidden FC layers follow the pooling (VGG)
+        channels = [b.fc.in_features if b.pool_layers == len(b.body) else spec.feature_dim for b in self.branches]
         self.fusions = nn.ModuleList([FusionModule(channels[i], channels[i + 1]) for i in range(num_branches - 1)])
 
     def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
@@ -74,12 +75,6 @@ class HierarchyBranchNet(nn.Module):
             fused, ta = fusion(fused, maps[m], ta, logits[m])
             tas.append(ta)
         return logits, tas
-
-    def single_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Trunk + the target branch in ``SingleNet``'s key layout."""
-        state = {f"trunk.{k}": v for k, v in self.trunk.state_dict().items()}
-        state.update({f"branch.{k}": v for k, v in self.branches[0].state_dict().items()})
-        return state
 
 
 def ahbf_kd(logits: Sequence[torch.Tensor], tas: Sequence[torch.Tensor], temperature: float,
@@ -151,4 +146,4 @@ class AHBF(Method):
                 Summary("last_assistant", f"teacher assistant {M - 1} (fuses all branches)", acc[f"assistant{M - 1}"])]
 
     def deployable_state_dict(self):
-        return self.net.single_state_dict()
+        return single_state_dict(self.net.trunk, self.net.branches[0])  # the target branch

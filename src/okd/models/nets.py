@@ -91,6 +91,13 @@ class BackboneSpec:
     deeper_branch: Optional[Callable[[int], Branch]] = None
 
 
+def single_state_dict(trunk: nn.Module, branch: nn.Module) -> dict:
+    """Weights of ``trunk`` + ``branch`` in ``SingleNet``'s key layout (the deployable network)."""
+    state = {f"trunk.{k}": v for k, v in trunk.state_dict().items()}
+    state.update({f"branch.{k}": v for k, v in branch.state_dict().items()})
+    return state
+
+
 class SingleNet(nn.Module):
     """The deployable network: trunk followed by one branch, returning logits."""
 
@@ -206,6 +213,4 @@ class MultiBranchNet(nn.Module):
 
     def single_state_dict(self, index: int) -> dict:
         """Weights of trunk + branch ``index`` in ``SingleNet``'s key layout."""
-        state = {f"trunk.{k}": v for k, v in self.trunk.state_dict().items()}
-        state.update({f"branch.{k}": v for k, v in self.branches[index].state_dict().items()})
-        return state
+        return single_state_dict(self.trunk, self.branches[index])
