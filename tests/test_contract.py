@@ -253,3 +253,71 @@ def test_every_dataset_on_files_says_in_one_line_what_it_expected_where(name, tm
         load_dataset(DataConfig(name=name, root=str(tmp_path / "empty")))
     message = str(failure.value)
     assert "\n" not in message and str(tmp_path / "empty") in message, message
+
+
+BROKEN_FILES = {  # file text -> (the line it must be blamed on, what the one-line error says)
+    "untitled.py": ("from okd.methods import METHODS\nfrom okd.methods.dml import DML\n\n\n"
+                    "@METHODS.register('untitled')\nclass Untitled(DML):\n    Options = type('Options', (DML.Options,), {})\n",
+                    5, "@METHODS.register('untitled') needs title="),
+    "typo.py": ("import torch\n\nx = 1\ndef f(:\n    pass\n", 4, "SyntaxError: "),
+    "missing.py": ("\n\nfrom okd.losses import no_such_loss  # noqa\n", 3, "ImportError: cannot import name 'no_such_loss'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_FILES))
+def test_a_broken_file_in_a_registry_folder_is_a_one_line_error_naming_its_file_and_line(tmp_path, monkeypatch,
+                                                                                       name):
+    """The registry keeps it and raises on first use, inside every command's error handling."""
+    import sys
+
+    from okd.errors import OkdError
+    from okd.registry import PluginError, import_submodules
+
+    text, line, says = BROKEN_FILES[name]
+    package_name = f"broken_{Path(name).stem}"
+    package = tmp_path / package_name
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = Registry("method")
+    try:
+        import_submodules(package_name, [str(package)], registry)  # importing the package does not fail
+        with pytest.raises(PluginError) as err:
+            registry.get("dml")
+        message = str(err.value)
+        assert isinstance(err.value, OkdError) and "\n" not in message
+        assert message.startswith(f"broken method file {package / name}:{line}: ") and says in message, message
+        for use in (registry.names, lambda: "dml" in registry, lambda: registry.meta("dml")):
+            with pytest.raises(PluginError):
+                use()
+        with pytest.raises(PluginError, match=f"broken module file {re.escape(str(package / name))}:{line}: "):
+            import_submodules(package_name, [str(package)])  # without a registry: raised at once
+    finally:
+        for module in [m for m in sys.modules if m.split(".")[0] == package_name]:
+            del sys.modules[module]
+
+
+def test_a_method_file_without_a_title_stops_every_command_with_exit_2_naming_the_file(tmp_path):
+    """A copy of okd with one more method file, registered without title=: training and the planner say
+    so in one line and exit 2 (before: a traceback at import, exit 1)."""
+    import shutil
+    import subprocess
+    import sys
+
+    copy = tmp_path / "okd_copy"
+    shutil.copytree(REPO / "src", copy / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copy(REPO / "main.py", copy / "main.py")
+    text, line, says = BROKEN_FILES["untitled.py"]
+    bad = copy / "src" / "okd" / "methods" / "untitled.py"
+    bad.write_text(text)
+    env = {**__import__("os").environ, "PYTHONPATH": str(copy / "src")}
+    runs = tmp_path / "runs"
+    for argv in ([sys.executable, str(copy / "main.py"), "--config", str(REPO / "configs" / "quickstart.yml"),
+                  f"output.root={runs}"],
+                 [sys.executable, "-m", "okd.plan", "--config", str(REPO / "configs" / "quickstart.yml")]):
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120, cwd=str(tmp_path))
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        (error,) = proc.stderr.strip().splitlines()
+        assert f"error: broken method file {bad}:{line}: {says}" in error, error
+    assert not runs.exists()  # nothing was written

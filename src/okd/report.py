@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .errors import OkdError
 from .methods import METHODS
 from .paper import ALL_METHODS, BACKBONE_ROWS, paper_top1, published
 from .results import read_records
@@ -179,9 +180,11 @@ def results_markdown(records: List[Dict]) -> str:
         delta = None if paper is None or r["reported_best"] is None else r["reported_best"] - paper
         wall = f"{r['wall_seconds'] / 60:.1f} min" if r.get("wall_seconds") is not None else "—"
         epochs = f"{r['epochs']}" if r.get("finished", True) else f"{r['epochs_done']} of {r['epochs']}, stopped"
+        device = r["device"] + ("" if r.get("preflight", {}).get("passed", True) else
+                                f" (preflight failed: {len(r['preflight']['failed'])} check(s))")
         lines.append(f"| {r['dataset']} | {r['model']} | {r['method']} | {epochs} ({r['protocol']}) | "
                      f"{r['seed']} | {num(r['reported_best'])} | {num(r['reported_last'])} | {num(paper)} | "
-                     f"{num(delta, '{:+.2f}')} | {num(r.get('img_per_s'), '{:,.0f}')} | {wall} | {r['device']} | "
+                     f"{num(delta, '{:+.2f}')} | {num(r.get('img_per_s'), '{:,.0f}')} | {wall} | {device} | "
                      f"{r['precision']} | {r['commit']} |")
     return "\n".join(lines) + "\n"
 
@@ -223,7 +226,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.figure:
             curves_figure(runs, args.backbone, args.dataset, Path(args.figure))
             print(f"okd-report: wrote {args.figure}", file=sys.stderr)
-    except ReportError as exc:
+    except (ReportError, OkdError) as exc:  # OkdError: e.g. a broken method file, named by the registry
         print(f"okd-report: error: {exc}", file=sys.stderr)
         return 2
     return 0

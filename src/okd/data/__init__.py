@@ -7,7 +7,7 @@ from .datasets import DATASETS, load_dataset
 from .resident import Batch, BatchStream
 from .splits import Dataset, Split
 
-import_submodules(__name__, __path__)
+import_submodules(__name__, __path__, DATASETS)
 
 __all__ = ["DATASETS", "Batch", "BatchStream", "Dataset", "EpochDraws", "Normalizer", "Split", "crop_flip",
            "derive_seed", "epoch_order", "load_dataset", "training_batches"]

@@ -23,7 +23,7 @@ from .nets import (  # noqa: E402
     cohort_specs,
 )
 
-import_submodules(__name__, __path__)
+import_submodules(__name__, __path__, BACKBONES)
 
 # keys of the ``model`` config section that a backbone may take as keyword options
 MODEL_OPTIONS = ("dropout", "final_norm")
