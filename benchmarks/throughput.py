@@ -54,7 +54,8 @@ import torch.nn.functional as F  # noqa: E402
 from okd.build import build_run_method, build_trainer  # noqa: E402
 from okd.config import config_from_dict  # noqa: E402
 from okd.data.splits import Dataset, Split  # noqa: E402
-from okd.devices import resolve_auto  # noqa: E402
+from okd.devices import resolve_auto, set_up_device  # noqa: E402
+from okd.errors import OkdError  # noqa: E402
 from okd.hardware import device_name, peak_tflops  # noqa: E402
 from okd.methods.pcl import PCL  # noqa: E402
 from okd.models import backbone_spec  # noqa: E402
@@ -296,15 +297,25 @@ def main(argv=None):
     p.add_argument("--json", help="write all measurements here")
     args = p.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = set_up_device(args.device)  # indexed, current and cuDNN autotuned, as in a training run
     settle = args.settle if args.settle is not None else (0.25 if device.type == "cuda" else 1.0)
     cores = os.cpu_count() or 1
     torch.set_num_threads(args.threads or cores)
     workers = args.workers or cores
     variants = [v for v in (args.variants or DEFAULT_VARIANTS[device.type]).split(",") if v]
     variants += ["okd+cl+compile"] if args.compile else []
+    refused = {}  # variants whose settings a run on this device refuses (e.g. channels_last over a CPU hazard)
+    for v in list(variants):
+        try:
+            okd_config(v, args.model, args.batch_size, device)
+        except OkdError as exc:
+            refused[v] = str(exc)
+            variants.remove(v)
+            print(f"skipping {v}: a run refuses it here: {exc}")
     fast = args.fast or DEFAULT_FAST[device.type]
+    if fast in refused:
+        print(f"the fast variant {fast} is refused here; okd+auto is measured instead")
+        fast = "okd+auto"
     if fast not in variants:
         same = equivalent_variant(fast, variants, args.model, args.batch_size, device)
         if same is not None:
@@ -381,6 +392,7 @@ def main(argv=None):
             "device_name": device_name(device), "torch": torch.__version__, "step_flops": flops,
             "threads": torch.get_num_threads(), "reference_workers": workers, "rounds": args.rounds,
             "steps": args.steps, "settle": settle, "fast_variant": fast, "fastest_variant": fastest,
+            "refused_variants": refused,
             "data_pipeline": pipe, "train_step": train}, indent=1))
     print(f"step: {flops / 1e9:.1f} GFLOP per batch of {args.batch_size} ({flops / args.batch_size / 1e9:.2f} GFLOP "
           f"per image, forward + backward + temporal-mean forwards)")

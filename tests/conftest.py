@@ -42,6 +42,23 @@ def _small_threads():
     yield
 
 
+@pytest.fixture
+def channels_last_backbone():
+    """The name of resnet8_tiny with a 16-channel stem, registered for one test: a tiny backbone a CPU may
+    run in channels_last (resnet8_tiny's 8-channel 1x1 stride-2 shortcut is refused there, see
+    ``okd.devices.channels_last_hazards``)."""
+    from functools import partial
+
+    from okd.models import BACKBONES
+    from okd.models.resnet import BasicBlock, resnet_spec
+
+    name = "resnet8_tiny16"
+    BACKBONES.register(name)(partial(resnet_spec, BasicBlock, [1, 1, 1], widths=(16, 16, 32)))
+    yield name
+    BACKBONES._entries.pop(name)
+    BACKBONES._meta.pop(name)
+
+
 def large_backbones():
     """Registered backbones whose per-backbone tests are marked slow: more than a million parameters, or
     depthwise / grouped convolutions (MobileNetV2, ShuffleNetV2), whose CPU kernels are slow in fp64 and,

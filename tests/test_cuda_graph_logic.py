@@ -197,3 +197,72 @@ def test_the_trainer_with_a_graphed_step_trains_what_the_eager_trainer_trains(tm
     assert all(torch.equal(eager[k], graphed[k]) for k in eager)
     for a, b in zip(records(tmp_path / "eager"), records(tmp_path / "graphed")):
         assert a["val"] == b["val"] and a["train"]["loss"] == b["train"]["loss"] and a["lr"] == b["lr"]
+
+
+DEVICES = [torch.device("cuda"), torch.device("cuda", 1), "cuda", "cuda:0", 1, torch.device("cpu"), "cpu", None]
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_the_stand_in_checks_devices_with_torchs_own_check(device):
+    """Where torch's _get_device_index raises (no GPU needed to ask it), the stand-in raises; an unindexed
+    device is the current one exactly where torch allows it (optional=True)."""
+    from torch.cuda._utils import _get_device_index
+
+    step, _ = pcl_train_step()
+    _, cuda = standin_graphed_step(step, CUDA1, ListLog())
+    try:
+        expected = _get_device_index(device, optional=False)
+    except ValueError:
+        expected = None
+    pool = cuda.MemPool()
+    if expected is None:
+        with pytest.raises(ValueError):
+            with cuda.use_mem_pool(pool, device if device is not None else "cuda"):
+                pass
+    else:
+        with cuda.use_mem_pool(pool, device):
+            pass
+    unindexed = device is None or torch.device(device).type == "cuda" and torch.device(device).index is None \
+        if not isinstance(device, int) else False
+    for optional_call in (cuda.Stream, cuda.current_stream, cuda.synchronize, lambda d: cuda.device(d).__enter__()):
+        if expected is None and not unindexed:  # a CPU device: torch raises even where an index is optional
+            with pytest.raises(ValueError):
+                optional_call(device)
+        else:
+            optional_call(device)
+
+
+def test_the_stand_in_refuses_what_torch_cuda_refuses():
+    step, _ = pcl_train_step()
+    _, cuda = standin_graphed_step(step, CUDA1, ListLog())
+    with pytest.raises(ValueError, match="specified index"):  # the bug the GPU check died of, through use_mem_pool
+        with cuda.use_mem_pool(cuda.MemPool(), torch.device("cuda")):
+            pass
+    with pytest.raises(AttributeError):
+        with cuda.use_mem_pool(object(), 0):
+            pass
+    with pytest.raises(RuntimeError, match="invalid value of debug_mode"):
+        cuda.set_sync_debug_mode("loud")
+    cuda.set_sync_debug_mode("error")
+    assert cuda.get_sync_debug_mode() == 2
+    graph = cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="Unknown capture error mode"):
+        graph.capture_begin(capture_error_mode="strict")
+    with pytest.raises(TypeError):
+        graph.capture_begin(pool="the pool")
+    with pytest.raises(AttributeError):
+        with cuda.stream("side"):
+            pass
+    with pytest.raises(AttributeError):
+        cuda.get_rng_state(3.0)
+
+
+def test_a_graph_named_by_an_unindexed_device_loses_the_pool_as_torch_would_and_says_so():
+    """What main did on a GPU with device=auto: use_mem_pool raised, the partial batch allocated beside."""
+    step, _ = pcl_train_step()
+    log = ListLog()
+    graphed, cuda = standin_graphed_step(step, torch.device("cuda"), log, warmup=1)
+    for v, y in batches(3):
+        graphed(v, y)
+    assert graphed.captured and cuda.pool_entries == 0 and graphed.pool_error.startswith("ValueError: Expected")
+    assert any("eager work cannot share the graph's memory pool (ValueError" in line for line in log.lines)

@@ -6,12 +6,15 @@ import math
 
 import pytest
 import torch
-from conftest import QUICKSTART, pcl_train_step, random_batch
+from conftest import QUICKSTART, ListLog, pcl_train_step, random_batch
+from torch.cuda._utils import _get_device_index as torch_device_index
 
 from okd import checkpoint_file, cli
 from okd.build import prepare_runtime
 from okd.cli import main
 from okd.config import config_from_dict
+from okd.cuda_standin import standin_graphed_step
+from okd.devices import resolve_device, set_up_device, use_cuda_device
 from okd.distributed import DistInfo
 from okd.evaluate import Inference, score
 from okd.optim import Optimization
@@ -21,19 +24,59 @@ QUICK = ["--config", QUICKSTART, "device=cpu", "data.train_subset=192", "train.b
 
 @pytest.fixture
 def two_fake_gpus(monkeypatch):
-    """torch.cuda says two GPUs exist; ``set_device`` calls are recorded, cuDNN's flag restored."""
+    """torch.cuda says two GPUs exist, GPU 0 current; ``set_device`` checks its argument with torch's own
+    ``_get_device_index`` (a bare ``cuda`` raises, as on a GPU) and records the index; cuDNN's flag restored."""
     calls = []
+    current = [0]
+
+    def set_device(device):
+        index = torch_device_index(device)  # what torch.cuda.set_device does first
+        calls.append(torch.device("cuda", index))
+        current[0] = index
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(torch.device(d)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     return calls
+
+
+def test_the_fake_set_device_rejects_what_torch_rejects(two_fake_gpus):
+    for bad in (torch.device("cuda"), "cuda", torch.device("cpu"), None):
+        with pytest.raises(ValueError):
+            torch.cuda.set_device(bad)
+    assert two_fake_gpus == []
+
+
+@pytest.mark.parametrize("name", ["auto", "cuda"])
+def test_auto_and_cuda_resolve_to_the_current_gpu_with_its_index_and_make_it_current(two_fake_gpus, name):
+    """torch.cuda.set_device (2.11 and 2.14) refuses an unindexed device: the GPU check died on its first line."""
+    device = resolve_device(name)
+    assert device == torch.device("cuda", 0) and device.index == 0
+    use_cuda_device(device)
+    assert two_fake_gpus == [torch.device("cuda", 0)] and torch.backends.cudnn.benchmark is True
+    torch.cuda.set_device(1)  # another current GPU: a bare "cuda" means that one
+    assert resolve_device(name) == torch.device("cuda", 1)
+
+
+def test_every_tool_sets_its_device_up_as_a_training_run_does(two_fake_gpus):
+    for name in ("auto", "cuda", "cuda:1"):
+        device = set_up_device(name)
+        assert device.index is not None and two_fake_gpus[-1] == device
+    assert set_up_device("cpu") == torch.device("cpu") and len(two_fake_gpus) == 3
 
 
 def test_a_run_on_cuda_1_makes_it_the_current_device_and_turns_on_cudnn_autotuning(two_fake_gpus):
     device = prepare_runtime(config_from_dict({"device": "cuda:1"}), DistInfo())
     assert device == torch.device("cuda", 1) and two_fake_gpus == [torch.device("cuda", 1)]
     assert torch.backends.cudnn.benchmark is True
+
+
+@pytest.mark.parametrize("name", ["auto", "cuda"])
+def test_a_run_on_the_default_device_is_indexed_and_current(two_fake_gpus, name):
+    device = prepare_runtime(config_from_dict({"device": name}), DistInfo())
+    assert device == torch.device("cuda", 0) and two_fake_gpus == [torch.device("cuda", 0)]
 
 
 def test_each_torchrun_process_makes_its_own_gpu_current(two_fake_gpus):
@@ -44,6 +87,21 @@ def test_each_torchrun_process_makes_its_own_gpu_current(two_fake_gpus):
 def test_a_cpu_run_touches_no_cuda_state(two_fake_gpus):
     prepare_runtime(config_from_dict({"device": "cpu"}), DistInfo())
     assert two_fake_gpus == [] and torch.backends.cudnn.benchmark is False
+
+
+def test_the_graph_of_a_run_on_the_default_gpu_shares_its_memory_pool_with_eager_work(two_fake_gpus):
+    """The partial batch and the evaluation allocate from the graph's MemPool: with a bare "cuda",
+    torch.cuda.use_mem_pool raised, okd caught it and silently stopped sharing."""
+    step, _ = pcl_train_step()
+    log = ListLog()
+    graphed, cuda = standin_graphed_step(step, resolve_device("auto"), log, warmup=1)
+    for i in range(3):
+        graphed(*random_batch(3, batch=4, seed=i))  # warm-up, capture, a replay
+    graphed(*random_batch(3, batch=3, seed=9))  # the partial batch
+    with graphed.memory():  # what the trainer wraps evaluation in
+        pass
+    assert graphed.captured and graphed.pool_for_eager and cuda.pool_entries == 2
+    assert not [line for line in log.lines if "memory pool" in line]
 
 
 def conv_step(momentum_layout):
@@ -72,12 +130,14 @@ def test_a_loaded_momentum_buffer_in_another_layout_updates_like_sgd(layout):
     torch.testing.assert_close(weight, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_a_resume_that_toggles_channels_last_continues_as_a_run_that_never_toggled(tmp_path):
+def test_a_resume_that_toggles_channels_last_continues_as_a_run_that_never_toggled(tmp_path, channels_last_backbone):
     """One step per epoch: the resumed step is the first to read a loaded momentum buffer. A buffer
     left in the other layout moves weights by ~3e-3 here; channels_last's own rounding (a ReLU mask
-    that flips at a kink) by ~4e-5 (AMD EPYC, torch 2.14.1)."""
-    run = ["--config", QUICKSTART, "device=cpu", "data.train_subset=128", "train.batch_size=128", "train.epochs=2",
-           "schedule.milestones=[]", f"output.root={tmp_path}"]
+    that flips at a kink) by ~4e-5 (AMD EPYC, torch 2.14.1). A deep net amplifies channels_last's rounding
+    (its CPU BatchNorm is ~100x less exact than NCHW's) past the buffer's error: a tiny one."""
+    run = ["--config", QUICKSTART, "device=cpu", "--model", channels_last_backbone, "data.train_subset=128",
+           "train.batch_size=128",
+           "train.epochs=2", "schedule.milestones=[]", f"output.root={tmp_path}"]
     assert main([*run, "train.channels_last=false", "--save_dir", "straight"]) == 0
     assert main([*run, "train.epochs=1", "train.channels_last=false", "--save_dir", "toggled"]) == 0
     assert main([*run, "train.channels_last=true", "--save_dir", "toggled"]) == 0
@@ -140,7 +200,7 @@ def test_evaluation_takes_the_runs_memory_format_and_precision():
     assert plain.seen[0][:2] == (False, False)
 
 
-def test_the_cli_evaluates_a_channels_last_run_with_channels_last_inputs(tmp_path, monkeypatch):
+def test_the_cli_evaluates_a_channels_last_run_with_channels_last_inputs(tmp_path, monkeypatch, channels_last_backbone):
     seen = []
     real = Inference.__call__
 
@@ -150,6 +210,6 @@ def test_the_cli_evaluates_a_channels_last_run_with_channels_last_inputs(tmp_pat
         return real(self, method, images)
 
     monkeypatch.setattr(Inference, "__call__", spy)
-    assert cli.main([*QUICK, "train.epochs=1", "schedule.milestones=[]", "train.channels_last=true",
-                     f"output.root={tmp_path}"]) == 0
+    assert cli.main([*QUICK, "--model", channels_last_backbone, "train.epochs=1", "schedule.milestones=[]",
+                     "train.channels_last=true", f"output.root={tmp_path}"]) == 0
     assert seen and all(seen)

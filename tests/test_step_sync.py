@@ -8,6 +8,7 @@ from conftest import QUICKSTART, ListLog, pcl_train_step, random_batch, records
 from okd import checkpoint_file
 from okd.cli import main
 from okd.config import config_from_dict
+from okd.devices import resolve_device, use_cuda_device
 from okd.distributed import DistInfo
 from okd.errors import OkdError
 from okd.loss_meter import LossMeter
@@ -134,7 +135,8 @@ def test_deferred_reads_give_the_same_run_as_reads_every_step(tmp_path, monkeypa
 def test_the_cuda_step_loop_never_synchronises(graphs):
     cfg = config_from_dict({"device": "cuda", "model": {"name": "resnet8_tiny"}, "method": {"name": "pcl"},
                             "train": {"precision": "bf16", "batch_size": 8, "cuda_graphs": graphs}})
-    device = torch.device("cuda")
+    device = resolve_device("cuda")  # indexed, as every run's: use_mem_pool refuses a bare "cuda"
+    use_cuda_device(device)
     torch.manual_seed(0)
     method = PCL(backbone_spec("resnet8_tiny", 10), 10, cfg.method).to(device).train()
     step = TrainStep(method, method, Optimization.build(cfg, method, device), LossMeter(device),
@@ -160,4 +162,10 @@ def test_the_cuda_step_loop_never_synchronises(graphs):
         torch.cuda.set_sync_debug_mode("default")
     if graphs:
         assert graphed.graph is not None, "the step was not captured"
-    assert int(step.counter) == 15 and torch.isfinite(step.meter.sums).all()
+        # the partial batch runs eagerly inside the graph's pool where torch has MemPool
+        run([v[:5] for v in views], labels[:5])
+        torch.cuda.synchronize()
+        assert graphed.pool_error is None
+        if hasattr(torch.cuda, "MemPool") and hasattr(torch.cuda, "use_mem_pool"):
+            assert graphed.pool is not None and graphed.pool_for_eager
+    assert int(step.counter) == (16 if graphs else 15) and torch.isfinite(step.meter.sums).all()

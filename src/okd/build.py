@@ -18,8 +18,8 @@ from .distributed import DistInfo
 from .errors import ConfigError, DataError
 from .logger import MemoryLogger
 from .loss_meter import LossMeter
-from .methods import Method, build_method
-from .models import backbone_spec, check_input_size, enable_batched_branches
+from .methods import Method, build_configured_method
+from .models import enable_batched_branches
 from .models.view_bn import convert_sync_batchnorm
 from .optim import Optimization
 from .run_state import RunState
@@ -58,12 +58,7 @@ def load_checked_dataset(cfg: Config):
 
 def build_run_method(cfg: Config, num_classes: int, device: torch.device, image_size: int = 32) -> Method:
     torch.manual_seed(cfg.seed)  # the seed alone fixes the initial weights, on every rank
-    specs = [backbone_spec(name, num_classes, **cfg.model_options(name)) for name in cfg.model.names]
-    for name, spec in zip(cfg.model.names, specs):
-        check_input_size(name, spec, image_size, cfg.data.name)
-    # a cohort's networks one spec each; one backbone for all members as one spec
-    spec = specs[0] if len(set(cfg.model.names)) == 1 else specs
-    method = build_method(cfg.method.name, spec, num_classes, cfg.method)
+    method = build_configured_method(cfg, num_classes, image_size)
     if cfg.train.sync_bn:
         method = convert_sync_batchnorm(method)  # per-view statistics kept under method.fused_views
     if cfg.train.batched_branches:

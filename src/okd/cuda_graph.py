@@ -104,6 +104,7 @@ class GraphedStep:
         self.graph = None  # a torch.cuda.CUDAGraph once captured and checked
         self.pool = None  # the graph's memory pool (a torch.cuda.MemPool where torch has one)
         self.pool_for_eager = hasattr(cuda, "MemPool") and hasattr(cuda, "use_mem_pool")
+        self.pool_error: Optional[str] = None  # why eager work could not enter the pool (the preflight fails on it)
         self.static_views: List[torch.Tensor] = []
         self.static_labels: Optional[torch.Tensor] = None
         self.static_loss: Optional[torch.Tensor] = None
@@ -160,6 +161,7 @@ class GraphedStep:
                     stack.enter_context(self.cuda.use_mem_pool(self.pool, self.device))
                 except Exception as exc:  # noqa: BLE001 - only the memory saving is lost
                     self.pool_for_eager = False
+                    self.pool_error = f"{type(exc).__name__}: {first_line(exc)}"
                     self.log.info(f"cuda graphs: eager work cannot share the graph's memory pool "
                                   f"({type(exc).__name__}: {first_line(exc)}); it allocates beside it")
             yield

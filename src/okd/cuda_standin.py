@@ -13,6 +13,13 @@ fp16 scaler's ``step`` (after ``unscale_``), a step that synchronises, and an em
 graph that does not warn. ``okd.preflight`` runs the graph checks through it on a
 CPU and the tests use it to check ``GraphedStep``'s order of work.
 
+It rejects what torch.cuda rejects: every device argument goes through torch's own
+``torch.cuda._utils._get_device_index`` (an unindexed ``cuda`` is the current device where torch
+allows that, an error where torch raises, a CPU device an error), ``set_sync_debug_mode`` takes
+torch's modes only, and ``capture_begin`` torch's capture modes and pool ids only; only the question
+"which device is current" is answered from the stand-in's state instead of a GPU's. Tensors stay on
+the CPU: ``standin_graphed_step`` gives ``GraphedStep`` a CUDA device to name (``cuda:0`` for a CPU run).
+
 Its state copy is its own (``state_dict`` deep copies), independent of
 ``TrainStep.state_tensors``, which ``GraphedStep`` relies on.
 """
@@ -24,8 +31,24 @@ from contextlib import contextmanager
 from typing import Dict, List, Optional
 
 import torch
+from torch.cuda._utils import _get_device_index as torch_device_index
 
 FAULTS = (None, "begin", "step", "end", "scaler", "empty_silent")
+CAPTURE_ERROR_MODES = ("global", "thread_local", "relaxed")  # what CUDAGraph.capture_begin accepts
+SYNC_DEBUG_MODES = {"default": 0, "warn": 1, "error": 2}  # torch.cuda.set_sync_debug_mode's names
+
+
+def device_index(device, current: int, optional: bool) -> int:
+    """``torch.cuda._utils._get_device_index(device, optional)`` with the stand-in's current device.
+
+    torch answers an unindexed ``cuda`` (or None) with the current device when ``optional`` and raises
+    otherwise; every other argument goes through torch's own check, so a CPU device or a bare ``cuda``
+    where torch wants an index raises exactly where torch raises."""
+    if optional:
+        d = torch.device(device) if isinstance(device, str) else device
+        if d is None or (isinstance(d, torch.device) and d.type == "cuda" and d.index is None):
+            return current
+    return torch_device_index(device, optional=False)
 
 
 class _Stream:
@@ -33,15 +56,29 @@ class _Stream:
         self.device_index = index
 
     def wait_stream(self, other) -> None:
-        pass
+        if not isinstance(other, _Stream):
+            raise TypeError(f"wait_stream expects a torch.cuda.Stream, got {type(other).__name__}")
 
 
 class StandInMemPool:
     _ids = 0
 
-    def __init__(self):
+    def __init__(self, allocator=None, use_on_oom: bool = False, no_split: bool = False):
+        if allocator is not None:
+            raise TypeError("the stand-in's MemPool has no custom allocators")
         StandInMemPool._ids += 1
         self.id = (0, StandInMemPool._ids)
+
+
+def pool_id(pool):
+    """What ``capture_begin`` accepts as ``pool``: None, a MemPool, or a pool id (a pair of ints)."""
+    if pool is None:
+        return None
+    if isinstance(pool, StandInMemPool):
+        return pool.id
+    if isinstance(pool, tuple) and len(pool) == 2 and all(isinstance(i, int) for i in pool):
+        return pool
+    raise TypeError(f"capture_begin(pool=...) takes a MemPool or a pool id (a pair of ints), got {pool!r}")
 
 
 class StandInGraph:
@@ -51,6 +88,10 @@ class StandInGraph:
 
     def capture_begin(self, pool=None, capture_error_mode: str = "global") -> None:
         c = self.cuda
+        pool = pool_id(pool)
+        if capture_error_mode not in CAPTURE_ERROR_MODES:
+            raise RuntimeError(f"Unknown capture error mode. Expected `global`, `thread_local`, or `relaxed`, "
+                               f"got {capture_error_mode}")
         if pool is not None and c.refuse_mem_pool:
             raise RuntimeError("CUDA graphs cannot use a user-created MemPool here")
         c.captures.append({"device": c.current_device, "stream": c.current_stream_obj,
@@ -106,6 +147,7 @@ class StandInCuda:
         self.refuse_mem_pool = refuse_mem_pool  # an older torch whose graphs take no user MemPool
         self.current_device = 0
         self.current_stream_obj = _Stream(0)
+        self.sync_debug_mode = 0
         self.captures: List[Dict] = []
         self.replays = 0
         self.capturing = False
@@ -120,15 +162,23 @@ class StandInCuda:
             self.MemPool = StandInMemPool
 
     # ---------------------------------------------------------------- torch.cuda's API
-    def Stream(self, device=None):  # noqa: N802 - torch's name
-        return _Stream(_index(device, self.current_device))
+    def index(self, device, optional: bool) -> int:
+        return device_index(device, self.current_device, optional)
+
+    def Stream(self, device=None, priority: int = 0):  # noqa: N802 - torch's name
+        return _Stream(self.index(device, optional=True))  # torch: ``with torch.cuda.device(device)``
 
     def current_stream(self, device=None):
+        self.index(device, optional=True)
         return self.current_stream_obj
 
     @contextmanager
     def stream(self, s):
-        previous, self.current_stream_obj = self.current_stream_obj, s
+        if s is not None and not isinstance(s, _Stream):  # torch's StreamContext reads ``s.device``
+            raise AttributeError(f"'{type(s).__name__}' object has no attribute 'device'")
+        previous = self.current_stream_obj
+        if s is not None:
+            self.current_stream_obj = s
         try:
             yield
         finally:
@@ -136,33 +186,59 @@ class StandInCuda:
 
     @contextmanager
     def device(self, d):
-        previous, self.current_device = self.current_device, _index(d, self.current_device)
+        previous, self.current_device = self.current_device, self.index(d, optional=True)
         try:
             yield
         finally:
             self.current_device = previous
 
     def synchronize(self, device=None) -> None:
-        pass
+        self.index(device, optional=True)  # torch: ``with torch.cuda.device(device)``
 
     def get_sync_debug_mode(self) -> int:
-        return 0
+        return self.sync_debug_mode
 
     def set_sync_debug_mode(self, mode) -> None:
-        if mode == "warn" and self.sync_warning:
+        if isinstance(mode, str):
+            if mode not in SYNC_DEBUG_MODES:
+                raise RuntimeError("invalid value of debug_mode, expected one of `default`, `warn`, `error`")
+            mode = SYNC_DEBUG_MODES[mode]
+        if mode not in SYNC_DEBUG_MODES.values():
+            raise RuntimeError(f"invalid value of debug_mode {mode}, expected 0, 1 or 2")
+        self.sync_debug_mode = mode
+        if mode == 1 and self.sync_warning:
             warnings.warn("called a synchronizing CUDA operation")
 
-    def get_rng_state(self, device=None):
+    @staticmethod
+    def rng_device(device) -> torch.device:
+        """torch.cuda.get_rng_state's reading of its device argument (a str, an int or a torch.device)."""
+        if isinstance(device, str):
+            return torch.device(device)
+        if isinstance(device, int):
+            return torch.device("cuda", device)
+        if not isinstance(device, torch.device):
+            raise AttributeError(f"'{type(device).__name__}' object has no attribute 'index'")
+        return device
+
+    def get_rng_state(self, device="cuda"):
+        self.rng_device(device)
         return None  # the CPU generator is the one the step draws from here; GraphedStep saves it itself
 
-    def set_rng_state(self, state, device=None) -> None:
-        pass
+    def set_rng_state(self, state, device="cuda") -> None:
+        self.rng_device(device)
+        if state is not None and not torch.is_tensor(state):
+            raise TypeError(f"set_rng_state expects a ByteTensor, got {type(state).__name__}")
 
     def CUDAGraph(self):  # noqa: N802
         return StandInGraph(self)
 
     @contextmanager
     def use_mem_pool(self, pool, device=None):
+        # torch: ``current_device() if device is None else _get_device_index(device)``: a bare "cuda" raises
+        if device is not None:
+            self.index(device, optional=False)
+        if not isinstance(pool, StandInMemPool):  # torch reads ``pool.id``
+            raise AttributeError(f"'{type(pool).__name__}' object has no attribute 'id'")
         self.pool_entries += 1
         self.pool_streams.append(self.current_stream_obj)
         self.in_pool = True
@@ -223,21 +299,16 @@ class StandInCuda:
         self._undo.clear()
 
 
-def _index(device, default: int) -> int:
-    if device is None:
-        return default
-    if isinstance(device, int):
-        return device
-    device = torch.device(device)
-    return device.index if device.index is not None else 0
-
-
 def standin_graphed_step(train_step, device, log, **kwargs):
-    """(GraphedStep over ``train_step`` with a stand-in ``torch.cuda``, the stand-in)."""
+    """(GraphedStep over ``train_step`` with a stand-in ``torch.cuda``, the stand-in). ``device``: the run's
+    (a CPU run's graph names ``cuda:0``, the device the stand-in plays; the tensors stay where they are)."""
     from .cuda_graph import GraphedStep
 
     graph_kwargs = {k: kwargs.pop(k) for k in ("warmup", "tolerance") if k in kwargs}
-    kwargs.setdefault("run_device_index", _index(device, 0) if torch.device(device).type == "cuda" else 0)
+    device = torch.device(device)
+    if device.type != "cuda":
+        device = torch.device("cuda", 0)
+    kwargs.setdefault("run_device_index", device.index if device.index is not None else 0)
     cuda = StandInCuda(train_step, **kwargs)
     graphed = GraphedStep(train_step, device, log, cuda=cuda, **graph_kwargs)
     cuda.graphed = graphed

@@ -21,6 +21,7 @@ from typing import List, Optional
 import torch
 
 from .config import load_config
+from .devices import set_up_device
 from .errors import OkdError
 from .estimate import (  # noqa: F401  (the planner's names, re-exported)
     Cell,
@@ -70,8 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
+        device = set_up_device(args.device)  # the speed probe runs as a training run would
         gpus = args.gpus or max(1, torch.cuda.device_count())
         images, classes = dataset_size(cfg.data)
         methods = ALL_METHODS if args.methods.strip() == "all" else args.methods.split()

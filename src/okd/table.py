@@ -210,12 +210,11 @@ def time_limits(cells: List[Cell], config: str, overrides: Sequence[str], margin
     """Each cell's time limit in minutes: the planner's estimate of what is left x ``margin`` + 5 min
     (start, data, evaluation), or ``fallback`` where no speed is known. ``seeds``: the table's other seeds,
     whose runs give a cell's speed too."""
-    import torch
-
+    from .devices import set_up_device
     from .estimate import dataset_size, plan
 
     cfg = load_config(config, list(overrides))
-    device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
+    device = set_up_device("auto" if gpus else "cpu")
     images, classes = dataset_size(cfg.data)
     planned = plan(cfg, sorted({c.backbone for c in cells}), sorted({c.method for c in cells}),
                    sorted({c.seed for c in cells} | set(seeds)), measure, device, cells[0].table if cells else None,

@@ -5,6 +5,7 @@ one new file here with ``@METHODS.register("name", title="Its column title")``
 on its class (docs/extending.md).
 """
 from pathlib import Path
+from typing import Optional
 
 from ..registry import Registry, import_submodules
 
@@ -32,7 +33,7 @@ def _bind_options(name: str, cls, meta) -> None:
 METHODS = Registry("method", on_register=_bind_options,
                    hint=f"a new method is a file in {HOME}/ whose class has @METHODS.register('{{name}}')")
 
-import_submodules(__name__, __path__)
+import_submodules(__name__, __path__, METHODS)
 
 from .base import KDOptions, Method, MethodOptions, Summary, total_loss  # noqa: E402
 
@@ -41,4 +42,19 @@ def build_method(name: str, spec, num_classes: int, options) -> Method:
     return METHODS.get(name)(spec, num_classes, options)
 
 
-__all__ = ["METHODS", "KDOptions", "Method", "MethodOptions", "Summary", "build_method", "total_loss"]
+def build_configured_method(cfg, num_classes: int, image_size: Optional[int] = 32) -> Method:
+    """The method of a run's config (``okd.config.Config``) on its backbone(s), on the current default
+    device, before any module replacement or move; ``image_size`` None skips the input-size check."""
+    from ..models import backbone_spec, check_input_size
+
+    specs = [backbone_spec(name, num_classes, **cfg.model_options(name)) for name in cfg.model.names]
+    if image_size is not None:
+        for name, spec in zip(cfg.model.names, specs):
+            check_input_size(name, spec, image_size, cfg.data.name)
+    # a cohort's networks one spec each; one backbone for all members as one spec
+    spec = specs[0] if len(set(cfg.model.names)) == 1 else specs
+    return build_method(cfg.method.name, spec, num_classes, cfg.method)
+
+
+__all__ = ["METHODS", "KDOptions", "Method", "MethodOptions", "Summary", "build_configured_method", "build_method",
+           "total_loss"]
