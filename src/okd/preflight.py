@@ -37,8 +37,10 @@ import torch
 
 from .config import config_from_dict
 from .cuda_graph import relative_gap
+from .cuda_standin import FAULTS
 from .data import load_dataset
-from .devices import resolve_auto
+from .devices import resolve_auto, set_up_device
+from .errors import OkdError
 from .hardware import device_name
 from .logger import MemoryLogger
 
@@ -134,23 +136,23 @@ def train(cfg, dataset, device: torch.device, graphed_step=None):
     return trainer, initial, log, time.perf_counter() - clock
 
 
-def standin_factory(stand_ins: List):
+def standin_factory(stand_ins: List, fault: Optional[str] = None):
     from .cuda_standin import standin_graphed_step
 
     def make(step, device, log):
-        graphed, cuda = standin_graphed_step(step, device, log)
+        graphed, cuda = standin_graphed_step(step, device, log, fault=fault)
         stand_ins.append(cuda)
         return graphed
 
     return make
 
 
-def check_path(name: str, device: torch.device, data: Dict) -> Dict:
+def check_path(name: str, device: torch.device, data: Dict, fault: Optional[str] = None) -> Dict:
     """Eager and graphed runs of one data path from the same seed, and what the graph did."""
     eager_cfg, graph_cfg = config(device, data, False), config(device, data, True)
     dataset = load_dataset(eager_cfg.data)
     stand_ins: List = []
-    factory = None if device.type == "cuda" else standin_factory(stand_ins)
+    factory = None if device.type == "cuda" else standin_factory(stand_ins, fault)
     eager, initial, _, eager_s = train(eager_cfg, dataset, device)
     graphed, _, log, graphed_s = train(graph_cfg, dataset, device, graphed_step=factory)
     g = graphed.graphed
@@ -166,7 +168,13 @@ def check_path(name: str, device: torch.device, data: Dict) -> Dict:
               "agreement_gap": gap, "tolerance": AGREE_TOLERANCE, "eager_seconds": eager_s,
               "graphed_seconds": graphed_s, "via": "torch.cuda" if device.type == "cuda" else "stand-in",
               "log": [line for line in log.lines if "cuda graphs" in line]}
-    result["ok"] = (result["captured"] and result["replays"] == expected_replays and gap <= AGREE_TOLERANCE)
+    # eager work (partial batches, evaluation) allocates from the graph's pool where torch has MemPool; a
+    # torch whose capture refuses a MemPool keeps the graph's own pool (logged, not a failure), but a pool
+    # that eager work cannot enter (an unindexed device did that) is one
+    result["pool"] = ("none" if g is None or not g.captured else f"NOT shared ({g.pool_error})" if g.pool_error else
+                      "shared with eager work" if g.pool is not None and g.pool_for_eager else "the graph's own")
+    result["ok"] = (result["captured"] and result["replays"] == expected_replays and gap <= AGREE_TOLERANCE
+                    and (g is None or g.pool_error is None))
     if device.type == "cuda":
         result.update(sync_check(graphed, g))
         result["ok"] = result["ok"] and result["no_host_sync"]
@@ -212,7 +220,7 @@ def result_line(r: Dict) -> str:
              (f"first replay matched the eager step to {r['replay_gap']:.1e}" if r["replay_gap"] is not None else
               "no checked replay"),
              f"after 2 epochs {'agrees' if r['agreement_gap'] <= r['tolerance'] else 'DISAGREES'} with the eager run "
-             f"(gap {r['agreement_gap']:.1e}, tolerance {r['tolerance']})"]
+             f"(gap {r['agreement_gap']:.1e}, tolerance {r['tolerance']})", f"memory pool {r['pool']}"]
     if r["no_host_sync"] is None:
         parts.append("host syncs: not checkable through the stand-in (needs a GPU)")
     else:
@@ -224,7 +232,7 @@ def result_line(r: Dict) -> str:
     return f"check {r['check']} via {r['via']}: {status}: " + "; ".join(parts) + f" ({speed})"
 
 
-def run(device: torch.device, workers: int) -> Dict:
+def run(device: torch.device, workers: int, fault: Optional[str] = None) -> Dict:
     env = environment(device)
     for line in environment_lines(env):
         print(line, flush=True)
@@ -237,7 +245,7 @@ def run(device: torch.device, workers: int) -> Dict:
                                                     "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
         for name, data in paths.items():
             try:
-                result = check_path(name, device, data)
+                result = check_path(name, device, data, fault)
             except Exception as exc:  # noqa: BLE001 - a crash is this check's failure, reported in one line
                 result = {"check": f"{name} graphed", "ok": False, "error": f"{type(exc).__name__}: {exc}"}
                 print(f"check {name} graphed: FAILED: {result['error'].splitlines()[0]}", flush=True)
@@ -255,17 +263,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the streaming check")
     p.add_argument("--json", help="also write the environment and every check here")
+    p.add_argument("--rehearse-fault", choices=[f for f in FAULTS if f], metavar="FAULT",
+                   help=f"on a CPU: let the stand-in play a GPU fault ({', '.join(f for f in FAULTS if f)}), to "
+                        f"rehearse what follows a failed preflight (benchmarks/gpu_check.sh's tests)")
     args = p.parse_args(argv)
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            print(f"preflight: error: device {name} asked for but CUDA is not available here", file=sys.stderr)
-            return 2
-        from .devices import use_cuda_device
-
-        use_cuda_device(device)
-    report = run(device, args.workers)
+    try:
+        device = set_up_device(args.device)  # indexed and current, as in a training run
+    except OkdError as exc:
+        print(f"preflight: error: {exc}", file=sys.stderr)
+        return 2
+    if args.rehearse_fault and device.type == "cuda":
+        print("preflight: error: --rehearse-fault plays a fault through the CPU stand-in; not on a GPU", file=sys.stderr)
+        return 2
+    report = run(device, args.workers, args.rehearse_fault)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
     return 0 if report["passed"] else 1

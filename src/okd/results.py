@@ -14,7 +14,9 @@ never overwritten: a second record of the same cell gets a numbered name.
 A run stopped before its last epoch is recorded only when asked (``--unfinished``):
 its record says ``"finished": false`` and holds the epochs it completed
 (``epochs_done`` of ``epochs``), what the GPU check keeps when its time limit ends
-a run.
+a run. ``--preflight preflight.json`` labels the record with the preflight of its
+machine (``"preflight": {"passed": ..., "failed": [...]}``): the GPU check trains
+and records even when a preflight check failed, and the record says which.
 """
 from __future__ import annotations
 
@@ -73,6 +75,22 @@ def build_record(run_dir: Path, protocol: str, dataset: Optional[str] = None,
     }
 
 
+def preflight_label(path: Path) -> Dict:
+    """{"passed", "failed": one line per failed check} from ``python -m okd.preflight --json``'s file."""
+    try:
+        report = json.loads(path.read_text())
+        checks = report["checks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"passed": False, "failed": [f"the preflight wrote no report at {path} (it timed out or crashed)"]}
+    def why(c: Dict) -> str:
+        pool = str(c.get("pool", ""))
+        return c.get("error") or c.get("off_reason") or (f"memory pool {pool}" if pool.startswith("NOT") else
+                                                         "see preflight.json")
+
+    failed = [f"{c.get('check', '?')}: {why(c)}" for c in checks if not c.get("ok")]
+    return {"passed": bool(report.get("passed")) and not failed, "failed": failed}
+
+
 def free_path(folder: Path, stem: str) -> Path:
     path, n = folder / f"{stem}.json", 2
     while path.exists():
@@ -117,9 +135,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     rec.add_argument("--out", default="results", help="folder of the records (default: results/)")
     rec.add_argument("--unfinished", action="store_true",
                      help="also record a run stopped before its last epoch (labelled finished: false)")
+    rec.add_argument("--preflight", metavar="JSON",
+                     help="label the record with this machine's preflight (python -m okd.preflight --json)")
     args = p.parse_args(argv)
     try:
         record = build_record(Path(args.run_dir), args.protocol, args.dataset, args.wall_seconds, args.unfinished)
+        if args.preflight:
+            record["preflight"] = preflight_label(Path(args.preflight))
         path = write_record(record, Path(args.out))
     except (OkdError, OSError) as exc:
         print(f"okd-results: error: {exc}", file=sys.stderr)
@@ -127,7 +149,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     done = "" if record["finished"] else f"{record['epochs_done']} of "
     print(f"okd-results: wrote {path} | {record['method']} {record['model']} {record['dataset']} "
           f"{done}{record['epochs']} epochs ({record['protocol']}): reported best {record['reported_best']:.2f}, "
-          f"last {record['reported_last']:.2f} | {record['img_per_s']:.0f} img/s on {record['device']}")
+          f"last {record['reported_last']:.2f} | {record['img_per_s']:.0f} img/s on {record['device']}"
+          + ("" if record.get("preflight", {}).get("passed", True) else
+             f" | preflight FAILED: {'; '.join(record['preflight']['failed'])}"))
     return 0
 
 
