@@ -1,4 +1,5 @@
 """End to end through the command line: outputs, resume, determinism, refusals and error paths."""
+import contextlib
 import math
 
 import pytest
@@ -160,7 +161,8 @@ def test_resume_flag_and_checkpoint_mismatch(tmp_path, capsys):
 
 @pytest.mark.parametrize("case", ["bad_flag", "missing_data", "unknown_model", "bad_key", "corrupt_ckpt", "not_ckpt",
                                   "cuda", "not_a_run", "batch_too_big", "num_classes"])
-def test_user_errors_are_one_line_exit_2(tmp_path, case):
+def test_user_errors_are_one_line_exit_2(tmp_path, case, capsys):
+    """In this process (tests/test_bad_inputs.py has 50 more); the test below runs two in a real process."""
     extra, env = [], {}
     if case == "bad_flag":
         extra = ["--seed", "abc"]
@@ -188,15 +190,26 @@ def test_user_errors_are_one_line_exit_2(tmp_path, case):
         extra = ["train.batch_size=1000"]
     elif case == "num_classes":
         extra = ["model.num_classes=100"]
-    proc = run_cli(*args(tmp_path, "train.epochs=1", *extra))
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("okd: error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
+    with pytest.raises(SystemExit) if case == "bad_flag" else contextlib.nullcontext() as exited:
+        code = main(args(tmp_path, "train.epochs=1", *extra))
+    code = exited.value.code if case == "bad_flag" else code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("okd: error: "), err
     if case == "not_a_run":
         assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
     else:
         assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("extra", [["--seed", "abc"], ["train.epohcs=3"]], ids=["bad_flag", "bad_key"])
+def test_a_user_error_in_a_real_process_is_one_line_exit_2_without_a_traceback(tmp_path, extra):
+    proc = run_cli(*args(tmp_path, "train.epochs=1", *extra))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("okd: error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_flag_cannot_write_into_another_experiment(tmp_path, capsys):

@@ -99,6 +99,7 @@ def straight_run(tmp_path_factory):
     return root / "straight"
 
 
+@pytest.mark.ci  # slow and needed: .ci/run runs it (pyproject's markers)
 def test_sigkill_at_random_moments_then_rerun_is_bitwise_equal(tmp_path, straight_run):
     rng = random.Random(1234)
     kills = 0
@@ -118,6 +119,7 @@ def test_sigkill_at_random_moments_then_rerun_is_bitwise_equal(tmp_path, straigh
     assert [r["val"] for r in records(tmp_path / "killed")] == [r["val"] for r in records(straight_run)]
 
 
+@pytest.mark.ci  # slow and needed: .ci/run runs it (pyproject's markers)
 def test_sigterm_writes_last_and_the_rerun_continues(tmp_path, straight_run):
     proc = start(tmp_path, "stopped")
     assert wait_for_steps(proc, 5)

@@ -36,7 +36,8 @@ def slurm_state() -> str:
     return ""
 
 
-pytestmark = pytest.mark.skipif(bool(slurm_state()), reason=slurm_state() or "Slurm is up")
+# ci: minutes against the CI's own cluster, run by .ci/run after the default suite
+pytestmark = [pytest.mark.ci, pytest.mark.skipif(bool(slurm_state()), reason=slurm_state() or "Slurm is up")]
 
 # a run of ~60 steps: long enough to interrupt mid-run, short enough for CI (1 thread: bitwise comparable)
 RUN = ["device=cpu", "data.train_subset=256", "train.batch_size=32", "schedule.milestones=[]",

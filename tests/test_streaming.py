@@ -314,6 +314,7 @@ def kill_run(tmp_path, tree, name):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.ci  # slow and needed: .ci/run runs it (pyproject's markers)
 def test_sigkill_mid_epoch_then_rerun_is_bitwise_equal_with_workers(tmp_path, imagenet_tree):
     straight = kill_run(tmp_path, imagenet_tree, "straight")  # alongside the killed run: 2 cores, 1 thread each
     proc = kill_run(tmp_path, imagenet_tree, "killed")
