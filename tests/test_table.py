@@ -96,3 +96,24 @@ def test_table_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
         table.main(["submit", "--engine", "local", "--config", QUICKSTART, "--bogus"])
     assert exit_.value.code == 2
     assert issubclass(table.TableError, OkdError) and (REPO / "src" / "okd" / "table.py").is_file()
+
+
+def test_the_slurm_parameters_are_ones_submitits_own_sbatch_builder_accepts(tmp_path):
+    """No cluster needed: submitit's _make_sbatch_string takes its parameters as keywords and raises on an
+    unknown one, as the real submission would (SlurmExecutor itself needs srun on PATH)."""
+    slurm = pytest.importorskip("submitit.slurm.slurm")
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(**{**table.SLURM_DEFAULTS, "partition": "gpu", "account": None, "qos": "high",
+                              "mem": "32G", "gpus_per_task": 1, "array_parallelism": 4})
+    params = table.slurm_parameters(args, 42, "cifar100")
+    executor_only = {"array_parallelism"}  # SlurmExecutor's own, not an sbatch line
+    text = slurm._make_sbatch_string(command="true", folder=str(tmp_path),
+                                     **{k: v for k, v in params.items() if k not in executor_only})
+    for line in ("#SBATCH --time=42", "#SBATCH --job-name=okd-cifar100", "#SBATCH --partition=gpu",
+                 "#SBATCH --qos=high", "#SBATCH --mem=32G", "#SBATCH --gpus-per-task=1", "#SBATCH --cpus-per-task=4",
+                 "#SBATCH --signal=USR2@90", "#SBATCH --requeue"):
+        assert line in text, line
+    accepted = {k: v for k, v in params.items() if k not in executor_only}
+    with pytest.raises(TypeError, match="gpus_per_tsk"):  # what a misspelt parameter meets
+        slurm._make_sbatch_string(command="true", folder=str(tmp_path), **{**accepted, "gpus_per_tsk": 1})

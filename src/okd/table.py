@@ -243,22 +243,27 @@ def submit_slurm(cells: List[Cell], tdir: Path, args) -> None:
     for minutes in sorted({c.minutes for c in cells}):
         group = [c for c in cells if c.minutes == minutes]
         executor = submitit.SlurmExecutor(folder=str(tdir / "slurm" / "%j"), max_num_timeout=args.max_requeues)
-        params = {"time": minutes, "job_name": f"okd-{group[0].table}", "cpus_per_task": args.cpus_per_task,
-                  "signal_delay_s": args.signal_delay, "stderr_to_stdout": True,
-                  "setup": [f"export PYTHONPATH={shlex.quote(str(SRC))}${{PYTHONPATH:+:$PYTHONPATH}}"],
-                  "additional_parameters": {"requeue": True}}
-        for key in ("partition", "account", "qos", "mem"):
-            if getattr(args, key):
-                params[key] = getattr(args, key)
-        if args.gpus_per_task:
-            params["gpus_per_task"] = args.gpus_per_task
-        if args.array_parallelism:
-            params["array_parallelism"] = args.array_parallelism
-        executor.update_parameters(**params)
+        executor.update_parameters(**slurm_parameters(args, minutes, group[0].table))
         with executor.batch():
             jobs = [executor.submit(CellTask(asdict(c), str(tdir))) for c in group]
         for cell, job in zip(group, jobs):
             cell.task, cell.log = job.job_id, str(job.paths.stdout)
+
+
+def slurm_parameters(args, minutes: int, table: str) -> Dict:
+    """submitit's SlurmExecutor parameters of an array of cells with a time limit of ``minutes``."""
+    params = {"time": minutes, "job_name": f"okd-{table}", "cpus_per_task": args.cpus_per_task,
+              "signal_delay_s": args.signal_delay, "stderr_to_stdout": True,
+              "setup": [f"export PYTHONPATH={shlex.quote(str(SRC))}${{PYTHONPATH:+:$PYTHONPATH}}"],
+              "additional_parameters": {"requeue": True}}
+    for key in ("partition", "account", "qos", "mem"):
+        if getattr(args, key):
+            params[key] = getattr(args, key)
+    if args.gpus_per_task:
+        params["gpus_per_task"] = args.gpus_per_task
+    if args.array_parallelism:
+        params["array_parallelism"] = args.array_parallelism
+    return params
 
 
 def shutil_which(name: str) -> Optional[str]:
