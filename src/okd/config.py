@@ -94,7 +94,7 @@ class TrainConfig:
     nonfinite: str = "stop"  # a non-finite loss: stop (keep the last good checkpoint) | skip the step
     max_skipped_steps: int = 10  # with nonfinite: skip, stop after this many skipped steps
     sync_bn: bool = False  # SyncBatchNorm across torchrun processes (CUDA only)
-    channels_last: Optional[bool] = None  # NHWC memory format for weights and inputs; null: per device
+    channels_last: Optional[bool] = None  # NHWC memory format for weights and inputs; null: on, except on a CPU for a model oneDNN#6035 crashes in it
     compile: bool = False  # torch.compile the training step's forward
     cuda_graphs: Optional[bool] = None  # the whole step as one CUDA graph; null: on for CUDA in one process
     batched_branches: Optional[bool] = None  # the m branches as one grouped computation; null: on for CUDA
