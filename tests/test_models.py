@@ -32,6 +32,9 @@ SPEC = {
     # SwitOKD's (CRD's) mobile_half, MobileNetV2 T=6 width 0.5 ("0.5MobileNetV2 (0.81M)", SwitOKD Table 4);
     # split as AHBF's multi-branch mobile_half: stages 5-7 per branch
     "mobilenetv2": (697_546, 812_836, 67_520, 745_316),
+    # SwitOKD's own teacher, hfutqian/SwitOKD models/wrnet.py wrnet16(): biased convs, by hand:
+    # stem 448; group 1 14,528 + 18,624; group 2 57,728 + 74,112; group 3 230,144 + 295,680; BN 256; FC 12,900
+    "switokd_wrn16_2": (692_810, 704_420, 165_440, 538_980),
     # MCL's ShuffleNetV2_1x / ShuffleNetV2_05x (net_size 1 / 0.5)
     "shufflenetv2": (1_263_854, 1_356_104, 275_068, 1_081_036),
     "shufflenetv2_x0_5": (352_042, 444_292, 53_184, 391_108),

@@ -321,6 +321,67 @@ def test_ahbf_branch_depths_and_exact_parameter_counts_on_resnet32():
     assert fused.shape == (2, 64, 8, 8) and ta.shape == (2, 100)
 
 
+def test_ahbf_fusion_modules_take_the_authors_init():
+    """The authors' model-wide loop reaches the fusion modules: ResNet's 1x1 conv N(0, 2 / fan_out), fan_out = C
+    (std sqrt(2/64) = 0.1768 at 64 channels, PyTorch's default would give ~0.051); VGG also zeroes conv biases
+    and draws Linear weights N(0, 0.01); DenseNet's Kaiming is fan-in (2C)."""
+    torch.manual_seed(0)
+    net = make("ahbf", backbone="resnet32", classes=100).net
+    conv = net.fusions[0].conv.weight.detach()
+    assert conv.shape == (64, 128, 1, 1)
+    assert float(conv.std()) == pytest.approx(math.sqrt(2 / 64), rel=0.05)
+    assert abs(float(conv.mean())) < 0.01
+    vgg = make("ahbf", backbone="vgg16", classes=100, num_branches=2, aux_blocks=1).net.fusions[0].requires_grad_(False)
+    assert float(vgg.conv.weight.std()) == pytest.approx(math.sqrt(2 / 512), rel=0.05)
+    assert torch.equal(vgg.conv.bias, torch.zeros(512)) and torch.equal(vgg.gate.bias, torch.zeros(2))
+    assert float(vgg.gate.weight.std()) == pytest.approx(0.01, rel=0.2)
+    dense = make("ahbf", backbone="densenet40_12", classes=100, num_branches=2, aux_blocks=1).net.fusions[0]
+    dense.requires_grad_(False)
+    fan_in = dense.conv.weight.shape[1]
+    assert float(dense.conv.weight.std()) == pytest.approx(math.sqrt(2 / fan_in), rel=0.1)
+
+
+# extra parameters of one more unit of each backbone's last stage(s), by hand at 100 classes:
+# WRN-16-2 pre-activation block 128->128: 2 x 2*128 (BN) + 2 x 9*128^2 = 295,424;
+# ShuffleNetV2 1x basic unit over 464/2 = 232 channels: 2 x 232^2 + 9*232 + 3 x 2*232 = 111,128;
+# MobileNetV2 x0.5 inverted residuals (expand 6): stage 5 (48 ch) 31,488, stage 6 (80) 83,200, stage 7 (160) 320,000
+UNIT = {"wrn16_2": 295_424, "shufflenetv2": 111_128}
+MOBILE_STAGE_BLOCK = (31_488, 83_200, 320_000)
+
+
+@pytest.mark.parametrize("name", sorted(UNIT))
+def test_ahbf_deeper_branches_on_the_later_backbones(name):
+    spec = backbone_spec(name, 100)
+    base = count(spec.make_branch())
+    assert count(spec.deeper_branch(0, 4)) == base
+    assert [count(spec.deeper_branch(i, 2)) - base for i in range(4)] == [0, 2 * UNIT[name], 4 * UNIT[name],
+                                                                          6 * UNIT[name]]
+
+
+def test_ahbf_mobilenetv2_deepens_stage_by_stage_lower_first():
+    """mobile_ahbf.py: level i adds aux blocks to stages 5, 6, 7 in turn: (1,0,0), (1,1,0), (1,1,1), (2,1,1), ..."""
+    from okd.models.mobilenetv2 import extra_blocks
+
+    per_stage = [(0, 0, 0), (1, 0, 0), (1, 1, 0), (1, 1, 1), (2, 1, 1), (2, 2, 1), (2, 2, 2)]
+    assert [tuple(extra_blocks(i, 1)) for i in range(7)] == per_stage
+    assert extra_blocks(2, 3) == [3, 3, 0]
+    spec = backbone_spec("mobilenetv2", 100)
+    base = count(spec.make_branch())
+    for i, blocks in enumerate(per_stage[:5]):
+        expected = sum(2 * b * p for b, p in zip(blocks, MOBILE_STAGE_BLOCK))
+        assert count(spec.deeper_branch(i, 2)) - base == expected
+        assert [len(stage) for stage in spec.deeper_branch(i, 2).body[:3]] == [3 + 2 * blocks[0], 3 + 2 * blocks[1],
+                                                                               1 + 2 * blocks[2]]
+
+
+@pytest.mark.parametrize("name,channels", [("wrn16_2", 128), ("mobilenetv2", 1280), ("shufflenetv2", 1024)])
+def test_ahbf_trains_on_the_later_backbones(name, channels):
+    method = make("ahbf", backbone=name, num_branches=3, aux_blocks=1)
+    assert [f.conv.out_channels for f in method.net.fusions] == [channels] * 2
+    loss, terms = method.training_loss([torch.randn(4, 3, 32, 32)], torch.randint(0, CLASSES, (4,)), epoch=0)
+    assert set(terms) == {"ce_branches", "ce_assistants", "kd_hierarchy"} and torch.isfinite(loss)
+
+
 def test_ahbf_fusion_is_a_convex_mix_of_the_two_levels_logits():
     torch.manual_seed(0)
     fusion = FusionModule(6, 6).train()

@@ -1,8 +1,11 @@
 """AHBF-OKD: Adaptive Hierarchy-Branch Fusion (Gong et al., AAAI 2023), docs/methods.md §16.
 
 A shared trunk and M branches of increasing depth: branch i's last stage has
-``i * aux_blocks`` more blocks (layers, for DenseNet; convs, for VGG) than the
-backbone's, so branch 1, the target, is the backbone itself and is deployed.
+``i * aux_blocks`` more blocks (layers, for DenseNet; convs, for VGG; for
+MobileNetV2 spread over its branch's three stages, lower first, the authors'
+rule) than the backbone's, so branch 1, the target, is the backbone itself and
+is deployed. The fusion modules are initialised by the backbone's own init
+loop, as the authors' model-wide loop does.
 Fusion modules merge adjacent levels recursively into teacher assistants (TAs):
 TA_1 = fuse(branch 1, branch 2), TA_m = fuse(TA_{m-1}, branch m+1). A module
 concatenates the two last feature maps, 1x1 conv (+bias) + BN gives the fused map F,
@@ -60,10 +63,15 @@ class HierarchyBranchNet(nn.Module):
     def __init__(self, spec: BackboneSpec, num_branches: int, aux_blocks: int):
         super().__init__()
         self.trunk = spec.make_trunk()
-        self.branches = nn.ModuleList([spec.deeper_branch(i * aux_blocks) for i in range(num_branches)])
+        self.branches = nn.ModuleList([spec.deeper_branch(i, aux_blocks) for i in range(num_branches)])
         # each branch's last-map width: its classifier's input, unless hidden FC layers follow the pooling (VGG)
         channels = [b.fc.in_features if b.pool_layers == len(b.body) else spec.feature_dim for b in self.branches]
         self.fusions = nn.ModuleList([FusionModule(channels[i], channels[i + 1]) for i in range(num_branches - 1)])
+        # the authors' model-wide init loop reaches the fusion modules too (Kaiming fan-out for the ResNets'
+        # 1x1 convs, the backbone's Linear rule for the gates); PyTorch's default would leave those convs ~3.5x
+        # smaller at 64 channels
+        for fusion in self.fusions:
+            spec.init_weights(fusion)
 
     def forward(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """(branch logits z_1..z_M, TA logits z_TA_1..z_TA_{M-1})."""

@@ -91,7 +91,8 @@ def densenet40_12_spec(num_classes: int, growth: int = 12, layers_per_block: int
         init_weights(trunk)
         return trunk
 
-    def deeper_branch(extra_layers: int):
+    def deeper_branch(level: int, units: int = 0):
+        extra_layers = level * units
         channels = c3 + extra_layers * growth
         head = [nn.BatchNorm2d(channels)] if final_norm else []
         to_map = [dense_block(c2, layers_per_block + extra_layers, growth, bn_size), *head, nn.ReLU(inplace=True)]
@@ -100,4 +101,5 @@ def densenet40_12_spec(num_classes: int, growth: int = 12, layers_per_block: int
         init_weights(branch)
         return branch
 
-    return BackboneSpec(make_trunk, lambda: deeper_branch(0), c3, trunk_channels=c2, deeper_branch=deeper_branch)
+    return BackboneSpec(make_trunk, lambda: deeper_branch(0), c3, trunk_channels=c2, init_weights=init_weights,
+                        deeper_branch=deeper_branch)

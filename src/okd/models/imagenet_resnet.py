@@ -51,7 +51,7 @@ def imagenet_resnet_spec(block, layers: Sequence[int], num_classes: int) -> Back
         init_weights(body)
         return Branch(body, nn.Linear(WIDTHS[3] * e, num_classes), map_layers=1, pool_layers=3)
 
-    return BackboneSpec(make_trunk, make_branch, WIDTHS[3] * e, trunk_channels=WIDTHS[2] * e)
+    return BackboneSpec(make_trunk, make_branch, WIDTHS[3] * e, trunk_channels=WIDTHS[2] * e, init_weights=init_weights)
 
 
 def torchvision_state_dict(single_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -56,10 +56,13 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.residual else self.conv(x)
 
 
-def stages(cin, width, T, which):
-    """The stages ``which`` (indices into ``settings``) from ``cin`` channels; (modules, output channels)."""
+def stages(cin, width, T, which, extra=None):
+    """The stages ``which`` (indices into ``settings``) from ``cin`` channels, stage j with ``extra[j]`` more
+    blocks; (modules, output channels)."""
     out = []
-    for t, c, n, s in [settings(T)[i] for i in which]:
+    extra = extra or [0] * len(which)
+    for (t, c, n, s), more in zip([settings(T)[i] for i in which], extra):
+        n += more
         cout = int(c * width)
         out.append(nn.Sequential(*[InvertedResidual(cin if i == 0 else cout, cout, s if i == 0 else 1, t)
                                    for i in range(n)]))
@@ -86,6 +89,14 @@ def init_weights(module: nn.Module) -> None:
 TRUNK_STAGES, BRANCH_STAGES = range(4), range(4, 7)  # AHBF's split of mobile_half
 
 
+def extra_blocks(level: int, units: int):
+    """AHBF's rule for its deeper MobileNetV2 branches (mobile_ahbf.py: "add auxiliary layers monotonously stage
+    by stage, ... lower layer first"): level i adds ``units`` blocks to stages 5, 6, 7 in turn, i.e.
+    (i//3 + [i%3 >= 1], i//3 + [i%3 == 2], i//3) * units, whose sum is i * units."""
+    q, r = divmod(level, 3)
+    return [(q + (r >= 1)) * units, (q + (r == 2)) * units, q * units]
+
+
 def mobilenetv2_spec(width: float, T: int, num_classes: int) -> BackboneSpec:
     stem = int(BASE_WIDTH * width)
     _, trunk_out = stages(stem, width, T, TRUNK_STAGES)
@@ -96,15 +107,16 @@ def mobilenetv2_spec(width: float, T: int, num_classes: int) -> BackboneSpec:
         init_weights(trunk)
         return trunk
 
-    def make_branch():
-        own, cin = stages(trunk_out, width, T, BRANCH_STAGES)
+    def deeper_branch(level: int, units: int = 0):
+        own, cin = stages(trunk_out, width, T, BRANCH_STAGES, extra_blocks(level, units))
         to_map = [*own, conv_bn_relu(cin, last, 1)]
         body = nn.Sequential(*to_map, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         branch = Branch(body, nn.Linear(last, num_classes), map_layers=len(to_map), pool_layers=len(to_map) + 2)
         init_weights(branch)
         return branch
 
-    return BackboneSpec(make_trunk, make_branch, last, trunk_channels=trunk_out, init_linear=init_linear)
+    return BackboneSpec(make_trunk, lambda: deeper_branch(0), last, trunk_channels=trunk_out, init_linear=init_linear,
+                        init_weights=init_weights, deeper_branch=deeper_branch)
 
 
 # CRD's / SwitOKD's mobile_half: width 0.5, T = 6

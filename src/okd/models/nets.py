@@ -84,11 +84,16 @@ class BackboneSpec:
     trunk_channels: int  # channels of the shared trunk's output (ONE's gate reads it)
     # how this backbone initialises a classifier Linear; methods apply it to the layers they add
     init_linear: Callable[[nn.Linear], None] = no_init
+    # the backbone's whole-model init loop (convs, norms, linears); a method applies it to modules it adds
+    # where the authors' model-wide loop reaches them too (AHBF's fusion modules)
+    init_weights: Callable[[nn.Module], None] = no_init
     input_size: Optional[int] = None  # the only image side the network takes (None: any)
     name: str = ""  # the registered backbone name (``backbone_spec`` sets it)
-    # a branch whose last stage has k more units (blocks or layers): AHBF's deeper branches; None: not built.
-    # ``deeper_branch(0)`` is ``make_branch()``; a deeper branch's last map may have more channels (DenseNet)
-    deeper_branch: Optional[Callable[[int], Branch]] = None
+    # AHBF's deeper branches: ``deeper_branch(level, units)`` is the branch of hierarchy level ``level`` with
+    # ``units`` more units (blocks, layers or convs) per level, placed by the backbone's rule (the last stage,
+    # or MobileNetV2's stage-by-stage order); None: not built. ``deeper_branch(0, u)`` is ``make_branch()``;
+    # a deeper branch's last map may have more channels (DenseNet)
+    deeper_branch: Optional[Callable[[int, int], Branch]] = None
 
 
 def single_state_dict(trunk: nn.Module, branch: nn.Module) -> dict:

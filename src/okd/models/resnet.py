@@ -99,16 +99,16 @@ def resnet_spec(block, layers: Sequence[int], num_classes: int, widths=(16, 32, 
 
     feature_dim = widths[2] * block.expansion
 
-    def deeper_branch(extra_blocks: int):
-        body = nn.Sequential(
-            make_stage(block, widths[1] * block.expansion, widths[2], layers[2] + extra_blocks, 2, width_factor),
+    def deeper_branch(level: int, units: int = 0):
+        body = nn.Sequential(  # the authors' resnet_ahbf: stage 3 of branch i has layers[2] + i * aux blocks
+            make_stage(block, widths[1] * block.expansion, widths[2], layers[2] + level * units, 2, width_factor),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         init_weights(body)
         return Branch(body, nn.Linear(feature_dim, num_classes), map_layers=1, pool_layers=3)
 
     return BackboneSpec(make_trunk, lambda: deeper_branch(0), feature_dim, trunk_channels=widths[1] * block.expansion,
-                        deeper_branch=deeper_branch)
+                        init_weights=init_weights, deeper_branch=deeper_branch)
 
 
 BACKBONES.register("resnet32")(partial(resnet_spec, BasicBlock, [5, 5, 5]))

@@ -123,12 +123,14 @@ def shufflenetv2_spec(net_size: float, num_classes: int) -> BackboneSpec:
         return nn.Sequential(*conv_bn(3, STEM, 3), stage(STEM, widths[0], BLOCKS[0]),
                              stage(widths[0], widths[1], BLOCKS[1]))
 
-    def make_branch():
-        to_map = [stage(widths[1], widths[2], BLOCKS[2]), *conv_bn(widths[2], last, 1)]
+    def deeper_branch(level: int, units: int = 0):
+        # AHBF's rule for its ResNets, on the last stage: BLOCKS[2] + level * units basic units
+        to_map = [stage(widths[1], widths[2], BLOCKS[2] + level * units), *conv_bn(widths[2], last, 1)]
         body = nn.Sequential(*to_map, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         return Branch(body, nn.Linear(last, num_classes), map_layers=len(to_map), pool_layers=len(to_map) + 2)
 
-    return BackboneSpec(make_trunk, make_branch, last, trunk_channels=widths[1])
+    return BackboneSpec(make_trunk, lambda: deeper_branch(0), last, trunk_channels=widths[1],
+                        deeper_branch=deeper_branch)  # init: PyTorch's default everywhere (no_init)
 
 
 BACKBONES.register("shufflenetv2", "shufflenetv2_x1_0", "ShuffleNetV2_1x")(partial(shufflenetv2_spec, 1))

@@ -54,8 +54,8 @@ def vgg16_spec(num_classes: int, dropout: float = 0.0) -> BackboneSpec:
         init_weights(trunk)
         return trunk
 
-    def deeper_branch(extra_convs: int):
-        convs = conv_layers([512] * extra_convs + BRANCH_CFG, 512)  # -> 512 x 1 x 1, the branch's last feature map
+    def deeper_branch(level: int, units: int = 0):
+        convs = conv_layers([512] * (level * units) + BRANCH_CFG, 512)  # -> 512 x 1 x 1, the branch's last feature map
         body = nn.Sequential(
             *convs, nn.Flatten(),
             nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
@@ -67,4 +67,4 @@ def vgg16_spec(num_classes: int, dropout: float = 0.0) -> BackboneSpec:
 
     # five 2x2 max-pools must leave the 512x1x1 map the classifier reads
     return BackboneSpec(make_trunk, lambda: deeper_branch(0), 512, trunk_channels=512, init_linear=init_linear,
-                        input_size=32, deeper_branch=deeper_branch)
+                        init_weights=init_weights, input_size=32, deeper_branch=deeper_branch)

@@ -80,16 +80,17 @@ def wrn_spec(depth: int, widen: int, num_classes: int) -> BackboneSpec:
         init_weights(trunk)
         return trunk
 
-    def make_branch():
-        body = nn.Sequential(
-            group(widths[2], widths[3], n, 2), nn.BatchNorm2d(widths[3]), nn.ReLU(inplace=True),
+    def deeper_branch(level: int, units: int = 0):
+        body = nn.Sequential(  # AHBF's rule for its ResNets, on the last group: n + level * units blocks
+            group(widths[2], widths[3], n + level * units, 2), nn.BatchNorm2d(widths[3]), nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         branch = Branch(body, nn.Linear(widths[3], num_classes), map_layers=3, pool_layers=5)
         init_weights(branch)
         return branch
 
-    return BackboneSpec(make_trunk, make_branch, widths[3], trunk_channels=widths[2], init_linear=init_linear)
+    return BackboneSpec(make_trunk, lambda: deeper_branch(0), widths[3], trunk_channels=widths[2],
+                        init_linear=init_linear, init_weights=init_weights, deeper_branch=deeper_branch)
 
 
 BACKBONES.register("wrn16_2", "wrn_16_2")(partial(wrn_spec, 16, 2))
