@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from okd.config import load_config
 from okd.errors import ConfigError
@@ -100,7 +101,70 @@ def test_method_yamls_spell_out_the_code_defaults():
     for name in names:
         cfg = load_config(str(CONFIGS / "methods" / f"{name}.yml"))
         assert cfg.to_dict()["method"] == {"name": name, **asdict(METHODS.get(name).Options())}, name
-        assert cfg.data.name == "cifar100" and cfg.train.epochs == 300
+        assert cfg.data.name == "cifar100"
+
+
+def flat(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_method_yamls_differ_from_the_common_protocol_exactly_by_the_authors_recipe():
+    """Outside ``method``, configs/methods/<m>.yml changes exactly the keys of Method.recipe, to its values;
+    and the recipe label tells the two apart."""
+    from okd.methods import METHODS
+    from okd.recipes import AUTHORS, COMMON, recipe_label
+
+    common = flat(load_config(str(CONFIGS / "cifar100.yml")).to_dict())
+    for name in METHODS.names():
+        ours = flat(load_config(str(CONFIGS / "methods" / f"{name}.yml")).to_dict())
+        changed = {k: v for k, v in ours.items() if not k.startswith(("method.", "run_name")) and common.get(k) != v}
+        recipe = METHODS.get(name).recipe
+        model = changed.pop("model.name", None)
+        assert changed == {k: v for k, v in recipe.items() if k != "model.name"}, name
+        assert model == recipe.get("model.name"), name
+        as_authors = load_config(str(CONFIGS / "methods" / f"{name}.yml")).to_dict()
+        on_common = load_config(str(CONFIGS / "cifar100.yml"), [f"method.name={name}"]).to_dict()
+        assert recipe_label(as_authors) == (AUTHORS if recipe else COMMON), name
+        assert recipe_label(on_common) == COMMON, name
+    assert set(METHODS.get("switokd").recipe) == {"model.name", "optim.nesterov", "train.epochs",
+                                                  "schedule.milestones"}
+
+
+def test_recipe_label_names_the_keys_that_are_not_the_authors():
+    from okd.recipes import recipe_label
+
+    cfg = load_config(str(CONFIGS / "methods" / "switokd.yml"), ["train.epochs=300", "schedule.milestones=[140,200,250]"])
+    assert recipe_label(cfg.to_dict()) == "mixed (not the authors': train.epochs, schedule.milestones)"
+    # one backbone for both networks stands for [x, x]; OKDPH's recipe is its optimizer only
+    assert recipe_label(load_config(None, ["method.name=okdph", "optim.nesterov=false"]).to_dict()) == "authors' recipe"
+    assert recipe_label({"method": {"name": "not-a-method"}}) == "common protocol"
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")  # the schedule alone, without optimizer steps
+def test_switokd_recipe_drops_the_lr_in_the_same_epochs_as_the_authors_code():
+    """SwitOKD's main.py: ``for epoch in range(1, 300)``, lr x0.1 on entering epochs 140, 200, 250 (before that
+    epoch's training). okd's epoch e (0-based) is the code's epoch e + 1; every one of the 299 epochs agrees."""
+    from okd.methods import build_configured_method
+    from okd.optim import Optimization
+
+    cfg = load_config(str(CONFIGS / "methods" / "switokd.yml"), ["model.name=resnet8_tiny", "device=cpu"])
+    method = build_configured_method(cfg, 10)
+    opt = Optimization.build(cfg, method, torch.device("cpu"))
+    code_lr, ours = 0.1, []
+    for epoch in range(1, 300):  # the code's loop, its adjust_learning_rate inlined
+        if epoch in (140, 200, 250):
+            code_lr *= 0.1
+        ours.append(float(opt.optimizer.param_groups[0]["lr"]))
+        assert ours[-1] == pytest.approx(code_lr, rel=1e-6), epoch
+        opt.scheduler.step()  # okd steps its schedule after each epoch
+    assert len(ours) == cfg.train.epochs == 299
+    assert float(opt.optimizer.param_groups[1]["lr"]) == pytest.approx(0.01 * 1e-3, rel=1e-6)  # the student's
 
 
 def test_changing_the_method_drops_the_previous_methods_options(tmp_path):

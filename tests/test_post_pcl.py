@@ -78,6 +78,53 @@ def test_switokd_gaps_and_losses_hand_values():
     assert float(expert_mode(s, t, g)) == 1.0  # G 1.987658 > delta 1.278240
 
 
+def softmax_rows(rows, t):
+    out = []
+    for row in rows:
+        e = [math.exp(v / t) for v in row]
+        out.append([v / sum(e) for v in e])
+    return out
+
+
+def l1_mean(p, q):
+    return sum(sum(abs(a - b) for a, b in zip(r, s)) for r, s in zip(p, q)) / len(p)
+
+
+def kl_mean(p, q):  # KL(p || q), batch mean
+    return sum(sum(a * math.log(a / b) for a, b in zip(r, s)) for r, s in zip(p, q)) / len(p)
+
+
+@pytest.mark.parametrize("form", ["code", "scaled"])
+def test_switokd_temperature_forms_at_t3_by_hand(form):
+    """T = 3 with plain-Python softmaxes: ``code`` is the authors' dist_s_label (no T), dist_s_t(., ., T) and
+    kl_div(., ., T) (no T^2); ``scaled`` puts T in every gap and T^2 on the KL terms."""
+    from okd.methods.switokd import switokd_kd
+
+    T = 3.0
+    t_rows, s_rows, y = [[4.0, 0.0, 0.0], [0.0, 3.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 2.0]], [0, 1]
+    onehot = [[1.0 if j == c else 0.0 for j in range(3)] for c in y]
+    label_t = 1.0 if form == "code" else T
+    s_hand = l1_mean(softmax_rows(s_rows, label_t), onehot)
+    t_hand = l1_mean(softmax_rows(t_rows, label_t), onehot)
+    g_hand = l1_mean(softmax_rows(t_rows, T), softmax_rows(s_rows, T))
+    kd_hand = kl_mean(softmax_rows(t_rows, T), softmax_rows(s_rows, T)) * (T * T if form == "scaled" else 1.0)
+    z_t, z_s, labels = torch.tensor(t_rows), torch.tensor(s_rows), torch.tensor(y)
+    gaps = distribution_gaps(z_t, z_s, labels, T, form)
+    assert [float(v) for v in gaps] == pytest.approx([s_hand, t_hand, g_hand], abs=2e-6)
+    assert float(switokd_kd(z_s, z_t, T, form)) == pytest.approx(kd_hand, rel=2e-6)
+    if form == "code":  # at T = 1 the gaps are the T = 1 values above whatever T, G only softens
+        assert (float(gaps[0]), float(gaps[1])) == pytest.approx((1.471174, 0.191542), abs=2e-6)
+    method = make("switokd", temperature=T, temperature_form=form)
+    x, yy = torch.randn(4, 3, 32, 32), torch.randint(0, CLASSES, (4,))
+    _, terms = method.training_loss([x], yy, epoch=0)
+    z_t, z_s = method.teacher(x), method.student(x)  # train mode: the same batch statistics, same logits
+    p_t, p_s = softmax_rows(z_t.tolist(), T), softmax_rows(z_s.tolist(), T)
+    assert float(terms["kd_student"].detach()) == pytest.approx(kl_mean(p_t, p_s) * (T * T if form == "scaled" else 1.0),
+                                                       rel=1e-4)
+    with pytest.raises(ConfigError, match="method.temperature_form' must be code or scaled"):
+        make("switokd", temperature_form="paper")
+
+
 def switokd_step(method, cfg, x, y):
     opt = Optimization.build(cfg, method, torch.device("cpu"))
     loss, terms = method.training_loss([x], y, epoch=0)
@@ -132,6 +179,57 @@ def test_switokd_cohort_is_teacher_then_student_and_the_student_is_deployed():
     assert count(method.teacher) == 466_906 and method.deployable_backbone == "resnet8_tiny"
     with pytest.raises(ConfigError, match="lists 3 backbones .* trains 2 networks"):
         load_config(None, ["method.name=switokd", "model.name=[resnet32, resnet8_tiny, resnet32]"])
+
+
+def test_switokd_teacher_block_on_hand_set_weights():
+    """The authors' wide_basic: stride on the second conv, biased convs, the 1x1 shortcut on the *raw* input.
+    Weights set so the output is worked by hand: the residual path is its conv2 bias, the shortcut w x + b."""
+    from okd.models.switokd_wrn import WideBasic
+
+    block = WideBasic(1, 2, stride=2).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.zero_()
+        block.conv2.bias.copy_(torch.tensor([0.25, -1.0]))
+        block.shortcut.weight.copy_(torch.tensor([1.0, 2.0]).view(2, 1, 1, 1))
+        block.shortcut.bias.copy_(torch.tensor([0.5, -0.5]))
+    assert block.conv1.stride == (1, 1) and block.conv2.stride == (2, 2) and block.shortcut.stride == (2, 2)
+    x = -torch.arange(1.0, 17.0).view(1, 1, 4, 4)  # all negative: a pre-activated shortcut would read zeros
+    out = block(x)
+    sub = x[0, 0, ::2, ::2]
+    assert torch.equal(out[0, 0], 0.25 + (1.0 * sub + 0.5)) and torch.equal(out[0, 1], -1.0 + (2.0 * sub - 0.5))
+    assert torch.equal(x, -torch.arange(1.0, 17.0).view(1, 1, 4, 4))  # the input is not modified in place
+
+
+def test_switokd_teacher_init_and_final_batchnorm_momentum():
+    """conv_init: Xavier-uniform with gain sqrt(2), bound sqrt(2) sqrt(6 / (fan_in + fan_out)), zero bias;
+    the final BN's momentum 0.9 puts 0.9 of the batch's mean into its running mean in one step."""
+    torch.manual_seed(0)
+    net = backbone_spec("switokd_wrn16_2", 100)
+    trunk, branch = net.make_trunk(), net.make_branch()
+    conv = branch.body[0][1].conv2  # 128 -> 128, 3x3
+    bound = math.sqrt(2) * math.sqrt(6 / (9 * 128 + 9 * 128))
+    w = conv.weight.detach()
+    assert float(w.abs().max()) <= bound and float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    assert all(float(m.bias.abs().max()) == 0.0 for m in [*trunk.modules(), *branch.modules()]
+               if isinstance(m, torch.nn.Conv2d))
+    final_bn = branch.body[1]
+    assert final_bn.momentum == 0.9 and branch.body[0][0].bn1.momentum == 0.1
+    feature_map = torch.randn(4, 64, 16, 16)
+    branch.train()
+    with torch.no_grad():
+        pre_bn = branch.body[0](feature_map)
+        branch(feature_map)
+    assert torch.allclose(final_bn.running_mean, 0.9 * pre_bn.mean(dim=(0, 2, 3)), atol=1e-5)
+
+
+def test_switokd_recipe_trains_the_authors_pair():
+    from pathlib import Path
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "methods" / "switokd.yml"), ["device=cpu"])
+    method = build_method("switokd", [backbone_spec(n, 100) for n in cfg.model.names], 100, cfg.method)
+    assert count(method.teacher) == 704_420 and count(method.student) == 812_836
+    assert method.backbones == ["switokd_wrn16_2", "mobilenetv2"] and method.deployable_backbone == "mobilenetv2"
 
 
 # ---------------------------------------------------------------- OKDPH

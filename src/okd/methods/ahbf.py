@@ -100,6 +100,9 @@ def ahbf_kd(logits: Sequence[torch.Tensor], tas: Sequence[torch.Tensor], tempera
 
 @METHODS.register("ahbf", title="AHBF")
 class AHBF(Method):
+    # train_ahbf.py calls its MultiStepLR([150, 225]) at the start of each epoch, so the lr drops after
+    # epochs 149 and 224 (okd's schedule steps after each epoch); otherwise §1
+    recipe = {"schedule.milestones": [149, 224]}
     @dataclass
     class Options(KDOptions):
         temperature: float = 3.0

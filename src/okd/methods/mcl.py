@@ -84,6 +84,7 @@ def mcl_terms(embeddings: List[torch.Tensor], labels: torch.Tensor, tau: float, 
 
 @METHODS.register("mcl", title="MCL")
 class MCL(IndependentNetworksMethod):
+    recipe = {"schedule.name": "cosine"}  # main_cifar.py: lr 0.1 x (1 + cos(pi e / 300)) / 2 at each epoch
     @dataclass
     class Options(KDOptions):
         temperature: float = 3.0  # T of the soft terms

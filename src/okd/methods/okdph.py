@@ -57,6 +57,7 @@ def fuse_(students: Sequence[torch.Tensor], gamma, do=1.0) -> None:
 
 @METHODS.register("okdph", title="OKDPH")
 class OKDPH(IndependentNetworksMethod):
+    recipe = {"optim.nesterov": False}  # src/OKDPH.py: SGD momentum 0.9 without Nesterov; otherwise §1
     identical_networks = "averages its students' weights, which needs identical networks"
 
     @dataclass

@@ -2,17 +2,20 @@
 
 A teacher t and a student s, independent networks trained together from
 scratch on one view (``model.name: [teacher, student]`` for a cohort). Per
-batch, on detached softmax outputs at temperature T, three batch means:
+batch, on detached softmax outputs, three batch means:
 
   s_gap = mean_i ||p_s,i - y_i||_1,  t_gap = mean_i ||p_t,i - y_i||_1,  G = mean_i ||p_t,i - p_s,i||_1
 
 the adaptive threshold delta = s_gap - exp(-t_gap / (t_gap + s_gap)) t_gap, and the
 mode: **expert** when G > delta and t_gap < s_gap (the teacher is paused: no
 gradient, no SGD step, its weights and momentum kept; it still runs in train
-mode, so its BatchNorm statistics move), **learning** otherwise. With T^2
-scaling (1 at the default T = 1):
+mode, so its BatchNorm statistics move), **learning** otherwise:
 
   L = CE(z_s, y) + KD_T(z_s <- sg(z_t)) + learning * [CE(z_t, y) + KD_T(z_t <- sg(z_s))]
+
+Where T enters (``temperature_form``; the same at the default T = 1): ``code``, the authors' functions:
+s_gap and t_gap at T = 1, G and the KL terms softened at T, without T^2; ``scaled``: T in all three gaps
+and T^2 on the KL terms.
 
 The switch is decided on the device every batch (no host sync), from the global
 batch's means under torchrun. Reported: the
@@ -33,17 +36,33 @@ from . import METHODS
 from .base import IndependentNetworksMethod, KDOptions, Summary, require
 
 
+TEMPERATURE_FORMS = ("code", "scaled")
+
+
 def distribution_gaps(teacher_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor,
-                      temperature: float = 1.0):
-    """(s_gap, t_gap, G): batch-mean L1 distances of the student's and the teacher's softened outputs
-    from the one-hot labels, and between them (all on detached logits)."""
-    p_t = F.softmax(teacher_logits.detach().float() / temperature, dim=1)
-    p_s = F.softmax(student_logits.detach().float() / temperature, dim=1)
+                      temperature: float = 1.0, form: str = "scaled"):
+    """(s_gap, t_gap, G): batch-mean L1 distances of the student's and the teacher's outputs from the one-hot
+    labels, and between them (all on detached logits). ``scaled``: every softmax at T; ``code``: the authors'
+    functions, ``dist_s_label`` without T (s_gap, t_gap at T = 1) and ``dist_s_t(p, q, T)`` at T (G)."""
+    def probs(z, t):
+        return F.softmax(z.detach().float() / t, dim=1)
+
+    label_t = 1.0 if form == "code" else temperature
+    p_t, p_s = probs(teacher_logits, label_t), probs(student_logits, label_t)
     y = F.one_hot(labels, p_t.shape[1]).to(p_t.dtype)
     s_gap = (p_s - y).abs().sum(1).mean()
     t_gap = (p_t - y).abs().sum(1).mean()
+    if label_t != temperature:
+        p_t, p_s = probs(teacher_logits, temperature), probs(student_logits, temperature)
     gap = (p_t - p_s).abs().sum(1).mean()
     return s_gap, t_gap, gap
+
+
+def switokd_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, form: str):
+    """KL(softmax(z_t/T) || softmax(z_s/T)): with T^2 (``scaled``, the line of work's KD_T) or without
+    (``code``: the authors' ``kl_div(p, q, T)``)."""
+    kd = kd_loss(student_logits, teacher_logits, temperature)
+    return kd if form == "scaled" else kd / (float(temperature) ** 2)
 
 
 def switch_threshold(s_gap: torch.Tensor, t_gap: torch.Tensor) -> torch.Tensor:
@@ -63,10 +82,17 @@ def expert_mode(s_gap: torch.Tensor, t_gap: torch.Tensor, gap: torch.Tensor, tea
 @METHODS.register("switokd", title="SwitOKD")
 class SwitOKD(IndependentNetworksMethod):
     cohort_hint = " (a teacher and a student)"
+    # the CIFAR-100 code (main.py): its own WRN-16-2 teacher and the 0.5 MobileNetV2 student, SGD without
+    # Nesterov, ``range(1, 300)`` epochs with lr x0.1 on entering epochs 140/200/250 (after 139/199/249 of 299)
+    recipe = {"model.name": ["switokd_wrn16_2", "mobilenetv2"], "optim.nesterov": False, "train.epochs": 299,
+              "schedule.milestones": [139, 199, 249]}
 
     @dataclass
     class Options(KDOptions):
         temperature: float = 1.0  # the authors' code: T = 1 in G, delta and the KL terms
+        # where T enters (the same at T = 1): "code", the authors' functions (s_gap and t_gap without T, G and
+        # the KL terms softened at T, no T^2); "scaled", T in all three gaps and T^2 on the KL terms
+        temperature_form: str = "code"
         rampup_epochs: int = 0  # none
         # the expert mode also needs the teacher closer to the labels than the student (the code's guard;
         # the paper's Fig. 1 shows only G > delta)
@@ -76,6 +102,8 @@ class SwitOKD(IndependentNetworksMethod):
 
         def check(self) -> None:
             require(self.student_lr_scale > 0, "switokd", "student_lr_scale", "> 0", self.student_lr_scale)
+            require(self.temperature_form in TEMPERATURE_FORMS, "switokd", "temperature_form",
+                    " or ".join(TEMPERATURE_FORMS), self.temperature_form)
             super().check()
 
     @classmethod
@@ -102,18 +130,18 @@ class SwitOKD(IndependentNetworksMethod):
         return self.backbones[-1]
 
     def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor):
-        T = self.options.temperature
+        T, form = self.options.temperature, self.options.temperature_form
         z_t, z_s = self.teacher(views[0]), self.student(views[0])
-        gaps = torch.stack(distribution_gaps(z_t, z_s, labels, T))
+        gaps = torch.stack(distribution_gaps(z_t, z_s, labels, T, form))
         if torch.distributed.is_initialized():  # one decision for the global batch: the teacher stays one model
             gaps = all_reduce_sum(gaps) / torch.distributed.get_world_size()
         expert = expert_mode(*gaps, self.options.teacher_ahead)
         self.expert.copy_(expert)  # the optimizer holds the teacher's group on it
         learning = 1.0 - expert
         return {"ce_student": F.cross_entropy(z_s, labels),
-                "kd_student": self.kd_scale * kd_loss(z_s, z_t.detach(), T),
+                "kd_student": self.kd_scale * switokd_kd(z_s, z_t.detach(), T, form),
                 "ce_teacher": learning * F.cross_entropy(z_t, labels),
-                "kd_teacher": learning * self.kd_scale * kd_loss(z_t, z_s.detach(), T)}
+                "kd_teacher": learning * self.kd_scale * switokd_kd(z_t, z_s.detach(), T, form)}
 
     def after_step(self, step, applied=1.0) -> None:
         with torch.no_grad():
@@ -142,4 +170,4 @@ class SwitOKD(IndependentNetworksMethod):
         return self.student.state_dict()
 
 
-__all__ = ["SwitOKD", "distribution_gaps", "expert_mode", "switch_threshold"]
+__all__ = ["SwitOKD", "distribution_gaps", "expert_mode", "switch_threshold", "switokd_kd"]
