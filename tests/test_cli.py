@@ -34,6 +34,7 @@ def test_cli_run_writes_labelled_outputs(tmp_path):
     assert "final | temporal-mean peer 1 (paper protocol): last" in proc.stdout
     log = (run_dir / "log.txt").read_text()
     assert "command: main.py" in log and "torch " in log and "device cpu" in log and "git " in log
+    assert "recipe: common protocol (docs/methods.md §17)" in log  # PCL's authors trained with it
 
     (rec,) = records(run_dir)
     assert rec["epoch"] == 1 and rec["step"] == 3  # 192 images / 64

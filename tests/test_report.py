@@ -9,11 +9,13 @@ import yaml
 from okd.report import main
 
 
-def fake_run(root, dataset, backbone, method, seed, curve, epochs=None):
-    run = root / f"{dataset}_{backbone}_{method}_seed{seed}"
+def fake_run(root, dataset, backbone, method, seed, curve, epochs=None, extra=None, tag=""):
+    run = root / f"{dataset}_{backbone}_{method}{tag}_seed{seed}"
     run.mkdir(parents=True)
     cfg = {"seed": seed, "data": {"name": dataset}, "model": {"name": backbone}, "method": {"name": method},
            "train": {"epochs": epochs or len(curve)}}
+    for key, value in (extra or {}).items():
+        cfg.setdefault(key, {}).update(value)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     lines = [json.dumps({"epoch": e + 1, "summary": {"reported": {"last": v, "best": max(curve[:e + 1])}}})
              for e, v in enumerate(curve)]
@@ -126,3 +128,19 @@ def test_the_later_papers_numbers_are_printed_beside_okds_runs_with_their_source
     assert "| wrn16_2+mobilenetv2 | SwitOKD | 67.24 | 66.00 (n=1) | student mobilenetv2" in published
     assert "| wrn16_2+mobilenetv2 | SwitOKD | 73.90 |" in published and "teacher wrn16_2" in published
     assert "| resnet32 | MCL | 73.68" not in published  # PCL's DML number is not MCL's
+
+
+def test_runs_with_the_authors_recipe_get_their_own_column(tmp_path, capsys):
+    """MCL on the common protocol (multistep) and with its authors' recipe (cosine) are not averaged together."""
+    fake_run(tmp_path, "cifar100", "resnet32", "mcl", 0, [70.0, 72.0], extra={"schedule": {"name": "multistep"}})
+    fake_run(tmp_path, "cifar100", "resnet32", "mcl", 1, [71.0, 74.0], extra={"schedule": {"name": "multistep"}})
+    fake_run(tmp_path, "cifar100", "resnet32", "mcl", 0, [72.0, 76.0], extra={"schedule": {"name": "cosine"}},
+             tag="_authors")
+    assert main([str(tmp_path)]) == 0
+    best = capsys.readouterr().out.split("last epoch")[0]
+    assert "| backbone | MCL | MCL (authors' recipe) |" in best
+    assert "| resnet32 | 73.00 ± 1.41 (n=2) | 76.00 (n=1) |" in best
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    rows = [r for r in csv.DictReader(io.StringIO(capsys.readouterr().out)) if r["variant"] == "best"]
+    assert sorted((r["method"], r["recipe"], r["mean"]) for r in rows) == [
+        ("mcl", "authors' recipe", "76.0000"), ("mcl", "common protocol", "73.0000")]

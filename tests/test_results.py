@@ -66,6 +66,7 @@ def test_a_record_is_read_from_the_run_and_never_overwritten(finished_run, tmp_p
     assert record["wall_seconds"] == 12.5 and record["precision"] in ("fp32", "bf16")  # resolved, not "auto"
     assert record["device"] == hardware.cpu_name() and record["torch"] == torch.__version__
     assert record["config"]["train"]["epochs"] == 1 and record["commit"]
+    assert record["recipe"] == "common protocol"
 
 
 def test_an_unfinished_run_is_not_recorded(finished_run, tmp_path, capsys):

@@ -107,9 +107,9 @@ def test_a_table_on_slurm_survives_a_requeue_and_a_preemption_signal_bit_for_bit
     assert "queued" in seen[vanilla] or "running" in seen[vanilla]
 
     # a cell with a user error: refused in one line, not requeued
-    table("submit", "--engine", "slurm", *common, "--methods", "ahbf", "--backbones", "mobilenetv2",
+    table("submit", "--engine", "slurm", *common, "--methods", "ahbf", "--backbones", "switokd_wrn16_2",
           "--time", "10", "--cpus-per-task", "1")
-    bad = "quickstart_mobilenetv2_ahbf_seed0"
+    bad = "quickstart_switokd_wrn16_2_ahbf_seed0"
     done = wait_for(lambda: (lambda s: s if all(k in s[n] for n, k in ((vanilla, "finished"), (dml, "finished"),
                                                                          (bad, "failed"))) else None)(status(tdir)),
                     timeout=420, every=3, what="every cell to end")

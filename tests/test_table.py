@@ -61,7 +61,7 @@ def test_the_slurm_settings_file_fills_what_no_flag_gave_and_refuses_unknown_key
 
 
 def test_a_cell_with_a_user_error_fails_with_its_one_line_error_and_status_says_so(tmp_path):
-    cells = table.build_cells(QUICKSTART, ["ahbf"], ["mobilenetv2"], [0], [f"output.root={tmp_path}", *TINY])
+    cells = table.build_cells(QUICKSTART, ["ahbf"], ["switokd_wrn16_2"], [0], [f"output.root={tmp_path}", *TINY])
     tdir = tmp_path / "table-quickstart"
     with pytest.raises(table.CellFailed, match="method ahbf needs branches of increasing depth"):
         table.CellTask(table.asdict(cells[0]), str(tdir))()

@@ -26,6 +26,7 @@ from .errors import OkdError
 from .methods import Method
 from .optim import Optimization
 from .provenance import git_commit
+from .recipes import recipe_label
 from .run_dir import find_checkpoint, open_run_dir
 from .run_state import RunState
 from .signals import Interrupted
@@ -111,6 +112,7 @@ def log_header(log, cfg: Config, dataset, method: Method, device, dist: DistInfo
              f"pipeline | model {cfg.model.label}{f' ({model})' if model else ''} | method "
              f"{cfg.method.name} | trainable parameters "
              f"{sum(p.numel() for g in method.parameter_groups() for p in g['params']):,}")
+    log.info(f"recipe: {recipe_label(cfg.to_dict())} (docs/methods.md §17)")
     if resume_from is not None:
         where = f", batch {state.batch_in_epoch} of epoch {state.epoch + 1}" if state.batch_in_epoch else ""
         log.info(f"resumed from '{resume_from}' at epoch {state.epoch}{where}, step {state.step}")

@@ -4,7 +4,8 @@
     python -m okd.report runs/ --format csv          # one row per cell and variant
     python -m okd.report runs/ --figure figs/curves_resnet32.png --backbone resnet32
 
-Rows are backbones, columns methods, cells ``mean ± std (n)`` over seeds of
+Rows are backbones, columns methods (a method run with its authors' recipe, or a mix, has a column of
+its own: ``MCL (authors' recipe)``, okd.recipes), cells ``mean ± std (n)`` over seeds of
 the method's *reported* model (``summary.reported`` in ``metrics.jsonl``:
 network/branch 1, OKDDip's leader, PCL's temporal-mean peer 1). "best" is the
 best test accuracy over epochs (the field's protocol), "last" the final epoch's.
@@ -26,19 +27,30 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from .errors import OkdError
 from .methods import METHODS
 from .paper import ALL_METHODS, BACKBONE_ROWS, paper_top1, published
+from .recipes import COMMON, recipe_label
 from .results import read_records
 from .runs import ReportError, Run, find_run_dirs, read_run
 
 MISSING = "—"
 
 
-def method_title(method: str) -> str:
-    """A method's column header: its registered title (``@METHODS.register(name, title=...)``)."""
-    return METHODS.meta(method)["title"] if method in METHODS else method  # every method registers one
+def split_column(column: str) -> Tuple[str, str]:
+    """(method, recipe) of a report column (``Run.column``; recipe "" for the common protocol)."""
+    method, _, recipe = column.partition(" [")
+    return method, recipe.rstrip("]")
+
+
+def method_title(column: str) -> str:
+    """A column header: the method's registered title (``@METHODS.register(name, title=...)``), and the recipe
+    where it is not the common protocol."""
+    method, recipe = split_column(column)
+    title = METHODS.meta(method)["title"] if method in METHODS else method  # every method registers one
+    return f"{title} ({recipe})" if recipe else title
 
 
 def rank(name: str, order: Sequence[str]) -> Tuple[int, str]:
-    return (order.index(name), "") if name in order else (len(order), name)
+    method, recipe = split_column(name)
+    return (order.index(method), recipe) if method in order else (len(order), name)
 
 
 def ordered(names: Iterable[str], order: Sequence[str]) -> List[str]:
@@ -69,7 +81,7 @@ class Cell:
 def build_cells(runs: Sequence[Run], variant: str, include_unfinished: bool) -> Dict[Tuple[str, str, str], Cell]:
     cells: Dict[Tuple[str, str, str], Cell] = {}
     for run in sorted(runs, key=lambda r: (r.seed, str(r.path))):
-        cell = cells.setdefault((run.dataset, run.backbone, run.method), Cell([], [], 0))
+        cell = cells.setdefault((run.dataset, run.backbone, run.column), Cell([], [], 0))
         if not run.finished:
             cell.unfinished += 1
         if run.curve and (run.finished or include_unfinished):
@@ -83,7 +95,7 @@ def markdown(runs: Sequence[Run], include_unfinished: bool = False) -> str:
     for dataset in sorted({r.dataset for r in runs}):
         subset = [r for r in runs if r.dataset == dataset]
         backbones = ordered({r.backbone for r in subset}, BACKBONE_ROWS)
-        methods = ordered({r.method for r in subset}, ALL_METHODS)
+        methods = ordered({r.column for r in subset}, ALL_METHODS)
         for variant, title in (("best", "best epoch"), ("last", "last epoch")):
             cells = build_cells(subset, variant, include_unfinished)
             out.append(f"### {dataset}: top-1 % of the reported model, {title} (mean ± std over seeds)\n")
@@ -102,9 +114,9 @@ def markdown(runs: Sequence[Run], include_unfinished: bool = False) -> str:
 def published_beside(runs: Sequence[Run], dataset: str, best: Dict) -> List[str]:
     """The published numbers of the cells these runs fill, each with its source, beside okd's best epoch."""
     rows = []
-    for b, m in sorted({(r.backbone, r.method) for r in runs},
+    for b, m in sorted({(r.backbone, r.column) for r in runs},
                        key=lambda bm: (rank(bm[0], BACKBONE_ROWS), rank(bm[1], ALL_METHODS))):
-        for p in published(dataset, b, m):
+        for p in published(dataset, b, split_column(m)[0]):
             rows.append(f"| {b} | {method_title(m)} | {p.top1:.2f} | {best[(dataset, b, m)].text()} | {p.label()} |")
     if not rows:
         return []
@@ -116,7 +128,7 @@ def published_beside(runs: Sequence[Run], dataset: str, best: Dict) -> List[str]
 def csv_text(runs: Sequence[Run], include_unfinished: bool = False) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["dataset", "backbone", "method", "variant", "mean", "std", "n", "seeds", "unfinished"])
+    writer.writerow(["dataset", "backbone", "method", "variant", "mean", "std", "n", "seeds", "unfinished", "recipe"])
     for variant in ("best", "last"):
         cells = build_cells(runs, variant, include_unfinished)
         keys = sorted(cells, key=lambda k: (k[0], rank(k[1], BACKBONE_ROWS), rank(k[2], ALL_METHODS)))
@@ -127,7 +139,8 @@ def csv_text(runs: Sequence[Run], include_unfinished: bool = False) -> str:
                 row = [f"{mean:.4f}", f"{std:.4f}", len(cell.values), " ".join(map(str, cell.seeds))]
             else:
                 row = ["", "", 0, ""]
-            writer.writerow([*key, variant, *row, cell.unfinished])
+            method, recipe = split_column(key[2])
+            writer.writerow([key[0], key[1], method, variant, *row, cell.unfinished, recipe or COMMON])
     return buf.getvalue()
 
 
@@ -145,9 +158,9 @@ def curves_figure(runs: Sequence[Run], backbone: str, dataset: Optional[str], pa
     if len(datasets) > 1:
         raise ReportError(f"runs of several datasets ({', '.join(datasets)}) for '{backbone}'; pick one with --dataset")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in ordered({r.method for r in chosen}, ALL_METHODS):
+    for method in ordered({r.column for r in chosen}, ALL_METHODS):
         by_epoch: Dict[int, List[float]] = {}
-        seeds = [r for r in chosen if r.method == method]
+        seeds = [r for r in chosen if r.column == method]
         for r in seeds:
             for epoch, value in r.curve:
                 by_epoch.setdefault(epoch, []).append(value)
@@ -182,7 +195,9 @@ def results_markdown(records: List[Dict]) -> str:
         epochs = f"{r['epochs']}" if r.get("finished", True) else f"{r['epochs_done']} of {r['epochs']}, stopped"
         device = r["device"] + ("" if r.get("preflight", {}).get("passed", True) else
                                 f" (preflight failed: {len(r['preflight']['failed'])} check(s))")
-        lines.append(f"| {r['dataset']} | {r['model']} | {r['method']} | {epochs} ({r['protocol']}) | "
+        recipe = r.get("recipe") or recipe_label(r.get("config") or {})  # older records: from their config
+        method = r["method"] if recipe == COMMON else f"{r['method']} ({recipe})"
+        lines.append(f"| {r['dataset']} | {r['model']} | {method} | {epochs} ({r['protocol']}) | "
                      f"{r['seed']} | {num(r['reported_best'])} | {num(r['reported_last'])} | {num(paper)} | "
                      f"{num(delta, '{:+.2f}')} | {num(r.get('img_per_s'), '{:,.0f}')} | {wall} | {device} | "
                      f"{r['precision']} | {r['commit']} |")

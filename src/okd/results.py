@@ -30,6 +30,7 @@ from . import checkpoint_file
 from .errors import OkdError
 from .metrics import median_img_per_s, read_metrics
 from .paper import paper_top1
+from .recipes import recipe_label
 
 RECORD_VERSION = 1
 PROTOCOLS = ("paper", "scaled")
@@ -61,7 +62,7 @@ def build_record(run_dir: Path, protocol: str, dataset: Optional[str] = None,
         "okd_result": RECORD_VERSION,
         "method": cfg["method"]["name"], "model": cfg["model"]["name"], "dataset": name,
         "epochs": epochs, "epochs_done": epochs_done, "finished": epochs_done >= epochs,
-        "protocol": protocol, "seed": int(cfg["seed"]),
+        "protocol": protocol, "recipe": recipe_label(cfg), "seed": int(cfg["seed"]),
         "reported_best": reported.get("value"), "reported_best_epoch": reported.get("epoch"),
         "reported_last": last_reported.get("value"), "reported_label": last_reported.get("label"),
         "paper_top1": paper_top1(name, cfg["model"]["name"], cfg["method"]["name"]),

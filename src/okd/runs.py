@@ -9,6 +9,7 @@ from typing import Iterable, List, Optional, Tuple
 import yaml
 
 from .metrics import FILE, read_metrics
+from .recipes import COMMON, recipe_label
 
 
 class ReportError(Exception):
@@ -24,6 +25,13 @@ class Run:
     seed: int
     epochs: int  # configured
     curve: List[Tuple[int, float]] = field(default_factory=list)  # (epoch, reported accuracy)
+    recipe: str = COMMON  # okd.recipes.recipe_label of its config
+
+    @property
+    def column(self) -> str:
+        """The report's column: the method, and the recipe where it is not the common protocol (an authors'-
+        recipe run is never averaged with common-protocol runs of the same method)."""
+        return self.method if self.recipe == COMMON else f"{self.method} [{self.recipe}]"
 
     @property
     def finished(self) -> bool:
@@ -56,7 +64,7 @@ def read_run(run_dir: Path, metric: str = "reported") -> Optional[Run]:
         model = cfg["model"]["name"]  # a cohort's backbones are joined: resnet32+wrn16_2
         run = Run(run_dir, cfg["data"]["name"], "+".join(model) if isinstance(model, list) else model,
                   cfg["method"]["name"], int(cfg["seed"]),
-                  int(cfg["train"]["epochs"]))
+                  int(cfg["train"]["epochs"]), recipe=recipe_label(cfg))
     except (yaml.YAMLError, KeyError, TypeError, ValueError, OSError):
         print(f"okd-report: skipping '{run_dir}': unreadable config.yaml", file=sys.stderr)
         return None
