@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import softmax_kl
 
+from okd.errors import ConfigError
 from okd.losses import kd_to_others_mean
 from okd.methods import METHODS, build_method
 from okd.methods.dml import dml_kd
@@ -142,6 +143,18 @@ def test_vanilla_dml_kdcl_losses(epoch):
     teacher = (z[0] + z[1] + z[2]) / 3
     expected = sum(F.cross_entropy(zk, y) + 0.7 * softmax_kl(zk, teacher, 3.0) for zk in z)
     assert m.training_loss(views, y, epoch)[0].item() == pytest.approx(expected.item(), abs=1e-5)
+
+    # OKDPH's KDCL code: (1 - alpha) CE + alpha KD, alpha 0.5, T 4, the mean of all logits; at alpha 0.5 that is
+    # half the additive loss at lambda 1, so one learning rate gives half the update
+    m = make("kdcl", teacher="naive", kd_weight=0.5, weighting="convex", temperature=4.0)
+    z = [net.branch(net.trunk(v))[1] for net, v in zip(m.nets.nets, views)]
+    teacher = (z[0] + z[1] + z[2]) / 3
+    convex = sum(0.5 * F.cross_entropy(zk, y) + 0.5 * softmax_kl(zk, teacher, 4.0) for zk in z)
+    assert m.training_loss(views, y, epoch)[0].item() == pytest.approx(convex.item(), abs=1e-5)
+    additive = make("kdcl", teacher="naive", kd_weight=1.0, temperature=4.0).training_loss(views, y, epoch)[0]
+    assert additive.item() == pytest.approx(2 * convex.item(), abs=2e-5)
+    with pytest.raises(ConfigError, match="'method.kd_weight' must be in \\[0, 1\\] with weighting convex"):
+        make("kdcl", weighting="convex", kd_weight=1.5)
 
 
 @pytest.mark.parametrize("form", ["paper", "okddip"])

@@ -117,7 +117,7 @@ def test_reads_metrics_of_both_versions_alike(tmp_path, capsys):
 def test_the_later_papers_numbers_are_printed_beside_okds_runs_with_their_source(tmp_path, capsys):
     root = tmp_path / "runs"
     fake_run(root, "cifar100", "resnet32", "mcl", 0, [60.0, 71.0])
-    fake_run(root, "cifar100", "wrn16_2+mobilenetv2", "switokd", 0, [50.0, 66.0])
+    fake_run(root, "cifar100", "switokd_wrn16_2+mobilenetv2", "switokd", 0, [50.0, 66.0])
     assert main([str(root)]) == 0
     out = capsys.readouterr().out
     published = out.split("published top-1 % of these cells")[1]
@@ -125,8 +125,8 @@ def test_the_later_papers_numbers_are_printed_beside_okds_runs_with_their_source
     assert "| resnet32 | MCL | 72.96 | 71.00 (n=1) | 2 networks, best network at the best test epoch" in published
     assert "| resnet32 | MCL | 74.04 |" in published and "4 networks sharing stem and stage 1" in published
     # SwitOKD's pair: the student's and the teacher's numbers, labelled by role
-    assert "| wrn16_2+mobilenetv2 | SwitOKD | 67.24 | 66.00 (n=1) | student mobilenetv2" in published
-    assert "| wrn16_2+mobilenetv2 | SwitOKD | 73.90 |" in published and "teacher wrn16_2" in published
+    assert "| switokd_wrn16_2+mobilenetv2 | SwitOKD | 67.24 | 66.00 (n=1) | student mobilenetv2" in published
+    assert "| switokd_wrn16_2+mobilenetv2 | SwitOKD | 73.90 |" in published and "teacher switokd_wrn16_2" in published
     assert "| resnet32 | MCL | 73.68" not in published  # PCL's DML number is not MCL's
 
 

@@ -9,7 +9,7 @@ their CIFAR-100 numbers are rows of their own in ``PUBLISHED``, each with the
 table it comes from, what the number is (which model, which epoch, how many
 runs) and the setting (networks, teacher or student), so the report prints
 them beside okd's runs of the same cell and never mixes them with PCL's.
-A cohort's backbone is its label (``wrn16_2+mobilenetv2``: teacher, student).
+A cohort's backbone is its label (``switokd_wrn16_2+mobilenetv2``: teacher, student).
 """
 import argparse
 import sys
@@ -76,7 +76,7 @@ _MCL = {"resnet32": (70.91, 72.96, 74.04), "resnet56": (73.15, 74.48, 75.74), "r
         "shufflenetv2_x0_5": (67.39, 69.55, 70.92), "shufflenetv2": (70.93, 73.26, 75.18)}
 # SwitOKD's CIFAR-100 pair (teacher WRN-16-2, student MobileNetV2 x0.5): method -> (student, teacher)
 _SWITOKD = {"vanilla": (60.07, 72.90), "dml": (66.23, 73.85), "kdcl": (66.83, 73.75), "switokd": (67.24, 73.90)}
-SWITOKD_PAIR = "wrn16_2+mobilenetv2"
+SWITOKD_PAIR = "switokd_wrn16_2+mobilenetv2"  # the code's own teacher (okd.models.switokd_wrn)
 
 PUBLISHED: Tuple[Published, ...] = (
     *(Published(d, b, m, v, PCL_SOURCE, PCL_PROTOCOL, "3 members") for (d, b, m), v in PAPER_TOP1.items()),
@@ -87,8 +87,12 @@ PUBLISHED: Tuple[Published, ...] = (
                           "4 networks sharing stem and stage 1 in the authors' code"))),
     *(Published("cifar100", SWITOKD_PAIR, m, v, SWITOKD_SOURCE, SWITOKD_PROTOCOL, f"{role} {name}")
       for m, pair in _SWITOKD.items()
-      for v, role, name in zip(pair, ("student", "teacher"), ("mobilenetv2", "wrn16_2"))),
-    # the papers' tables could not be read here; each number is 100 - the error or the accuracy it quotes
+      for v, role, name in zip(pair, ("student", "teacher"), ("mobilenetv2", "switokd_wrn16_2"))),
+    # the papers' tables could not be read here (searched 2026-12-08: the page corpus holds OKDPH's paper,
+    # "Generalization Matters: Loss Minima Flattening via Parameter Hybridization for Efficient Online Knowledge
+    # Distillation", CVPR 2023, arXiv 2303.14666, and AHBF's AAAI page, but every excerpt stops at the abstract
+    # or the introduction, and neither repository's README has a number); each number below is 100 - the error
+    # or the accuracy one secondary source quotes, and stays unchecked
     Published("cifar100", "resnet110", "okdph", 79.68, "OKDPH (Zhang et al., CVPR 2023), via " + SECONDARY,
               "best test epoch", "2 students", checked=False),
     Published("cifar100", "resnet110", "ahbf", 100 - 20.96, "AHBF-OKD (Gong et al., AAAI 2023), via " + SECONDARY,

@@ -4,7 +4,8 @@ m independent networks; network i sees its own augmented view of each image
 ("invariant collaborative learning"). The students' logits build an ensemble
 teacher z_t, detached:
 
-  L = sum_i [ CE(z_i, y) + lambda w(e) KD_T(z_i <- sg(z_t)) ]
+  L = sum_i [ CE(z_i, y) + lambda w(e) KD_T(z_i <- sg(z_t)) ]          (weighting: additive)
+  L = sum_i [ (1 - lambda) CE(z_i, y) + lambda w(e) KD_T(z_i <- sg(z_t)) ]   (weighting: convex)
 
 Teachers: ``minlogit`` (default; subtract each student's true-class logit,
 then take the element-wise minimum over students: 0 at the true class, the
@@ -27,6 +28,7 @@ from . import METHODS
 from .base import IndependentNetworksMethod, KDOptions, require
 
 TEACHERS = ("minlogit", "naive")
+WEIGHTINGS = ("additive", "convex")
 
 
 def minlogit_teacher(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -50,12 +52,19 @@ class KDCL(IndependentNetworksMethod):
         num_networks: int = 3
         teacher: str = "minlogit"  # minlogit | naive
         kd_weight: float = 1.0  # lambda
+        # additive: CE + lambda KD (the line of work's form); convex: (1 - lambda) CE + lambda KD, the only
+        # public KDCL code (OKDPH's src/03_KDCL.py, lambda = alpha = 0.5: half the additive loss at lambda 1)
+        weighting: str = "additive"
 
         def kd_scale(self, epoch: int) -> float:
             return self.kd_weight * super().kd_scale(epoch)
 
         def check(self) -> None:
             require(self.teacher in TEACHERS, "kdcl", "teacher", " or ".join(TEACHERS), self.teacher)
+            require(self.weighting in WEIGHTINGS, "kdcl", "weighting", " or ".join(WEIGHTINGS), self.weighting)
+            if self.weighting == "convex":
+                require(0 <= self.kd_weight <= 1, "kdcl", "kd_weight", "in [0, 1] with weighting convex",
+                        self.kd_weight)
             super().check()
 
     def __init__(self, spec, num_classes: int, options: "KDCL.Options"):
@@ -69,4 +78,6 @@ class KDCL(IndependentNetworksMethod):
         teacher = kdcl_teacher([z.detach() for z in logits], labels, opt.teacher)
         ce = sum(F.cross_entropy(z, labels) for z in logits)
         kd = sum(kd_loss(z, teacher, opt.temperature) for z in logits)
+        if opt.weighting == "convex":
+            ce = (1.0 - opt.kd_weight) * ce
         return {"ce": ce, "kd_ensemble": self.kd_scale * kd}
