@@ -221,3 +221,13 @@ def test_resume_flag_cannot_write_into_another_experiment(tmp_path, capsys):
     code = main(args(tmp_path, "train.epochs=2", "--resume", str(tmp_path / "src" / "last.pt"), name="other"))
     assert code == 2 and "holds a different experiment" in capsys.readouterr().err
     assert tree_digest(tmp_path / "other") == digest
+
+
+def test_mcl_trains_on_class_balanced_batches_from_the_command_line(tmp_path):
+    """data.sampler m_per_class through the whole run: 8 classes x 8 digits a batch, floor(192 / 64) = 3 steps an
+    epoch, the same after a resume; the log names the recipe (the authors' sampler, not their cosine schedule)."""
+    extra = ["--method", "mcl", "data.sampler=m_per_class", "data.m_per_class=8", "method.rampup_epochs=0"]
+    assert main(args(tmp_path, "train.epochs=1", *extra)) == 0
+    assert main(args(tmp_path, "train.epochs=2", *extra)) == 0
+    assert [(r["epoch"], r["step"]) for r in records(tmp_path / "run")] == [(1, 3), (2, 6)]
+    assert "recipe: mixed (not the authors': schedule.name)" in (tmp_path / "run" / "log.txt").read_text()

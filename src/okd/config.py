@@ -41,6 +41,8 @@ class DataConfig:
     augment: Optional[str] = None  # crop_flip | resized_crop; null: the dataset's recipe (imagenet: resized_crop)
     crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # resized_crop's area fraction range
     workers: Optional[int] = None  # streaming decode processes per training process; null: its share of the cores
+    sampler: str = "shuffle"  # shuffle | m_per_class (MCL's class-balanced batches, okd.data.sampling)
+    m_per_class: int = 2  # images of each class in a batch with sampler m_per_class
 
 
 @dataclass
@@ -342,6 +344,7 @@ def validate(cfg: Config) -> None:
     from .data import DATASETS
     from .data.datasets import PIPELINES
     from .data.images import AUGMENTS
+    from .data.sampling import SAMPLERS
 
     DATASETS.canonical(cfg.data.name)
     validate_model_names(cfg)
@@ -380,7 +383,8 @@ def validate(cfg: Config) -> None:
     if cfg.data.pad < 0:
         raise ConfigError(f"config key 'data.pad' must be >= 0, got {cfg.data.pad}")
     for key, value, choices in (("data.pipeline", cfg.data.pipeline, PIPELINES),
-                                ("data.augment", cfg.data.augment, (None,) + AUGMENTS)):
+                                ("data.augment", cfg.data.augment, (None,) + AUGMENTS),
+                                ("data.sampler", cfg.data.sampler, SAMPLERS)):
         if value not in choices:
             shown = [c for c in choices if c]
             raise ConfigError(f"config key '{key}' must be {' or '.join(shown)}{' or null' if None in choices else ''}"
@@ -390,6 +394,11 @@ def validate(cfg: Config) -> None:
     lo_hi = cfg.data.crop_scale
     if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
         raise ConfigError(f"config key 'data.crop_scale' must be [low, high] with 0 < low <= high <= 1, got {lo_hi}")
+    if cfg.data.m_per_class < 1:
+        raise ConfigError(f"config key 'data.m_per_class' must be >= 1, got {cfg.data.m_per_class}")
+    if cfg.data.sampler == "m_per_class" and cfg.train.batch_size % cfg.data.m_per_class:
+        raise ConfigError(f"config key 'train.batch_size' ({cfg.train.batch_size}) must be a multiple of "
+                          f"'data.m_per_class' ({cfg.data.m_per_class}) with data.sampler m_per_class")
     if cfg.data.workers is not None and cfg.data.workers < 0:
         raise ConfigError(f"config key 'data.workers' must be >= 0 or null, got {cfg.data.workers}")
     for key in ("mean", "std"):

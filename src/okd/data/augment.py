@@ -57,12 +57,16 @@ def epoch_order(num_images: int, seed: int, epoch: int) -> Tuple[torch.Tensor, t
 
 
 class EpochDraws:
-    """Data order and per-view augmentation parameters of one epoch (the resident path)."""
+    """Data order and per-view augmentation parameters of one epoch (the resident path): one crop offset and
+    flip per position of the epoch (an image the sampler draws twice gets two). ``sampling`` (an
+    ``okd.data.sampling.Sampling``) orders the epoch; None: a permutation of the ``num_images``."""
 
-    def __init__(self, num_images: int, num_views: int, pad: int, flip: bool, seed: int, epoch: int):
-        self.order, gen = epoch_order(num_images, seed, epoch)
-        self.offsets = torch.randint(0, 2 * pad + 1, (num_views, num_images, 2), generator=gen)
+    def __init__(self, num_images: int, num_views: int, pad: int, flip: bool, seed: int, epoch: int,
+                 sampling=None):
+        self.order, gen = epoch_order(num_images, seed, epoch) if sampling is None else sampling.order(seed, epoch)
+        positions = self.order.numel()
+        self.offsets = torch.randint(0, 2 * pad + 1, (num_views, positions, 2), generator=gen)
         if flip:
-            self.flips = torch.randint(0, 2, (num_views, num_images), generator=gen).bool()
+            self.flips = torch.randint(0, 2, (num_views, positions), generator=gen).bool()
         else:
-            self.flips = torch.zeros(num_views, num_images, dtype=torch.bool)
+            self.flips = torch.zeros(num_views, positions, dtype=torch.bool)

@@ -15,6 +15,7 @@ def training_batches(dataset, num_views: int, cfg, device: torch.device, dist: D
     d, t = cfg.data, cfg.train
     if dataset.pipeline == "resident":
         return BatchStream(dataset.train, normalize, num_views, t.batch_size, d.pad, d.flip, cfg.seed, device,
-                           t.channels_last, dist)
+                           t.channels_last, dist, d.sampler, d.m_per_class)
     return StreamBatches(dataset.train, normalize, num_views, t.batch_size, dataset.image_size, dataset.augment,
-                         d.pad, d.flip, d.crop_scale, cfg.seed, device, workers(d, dist), t.channels_last, dist)
+                         d.pad, d.flip, d.crop_scale, cfg.seed, device, workers(d, dist), t.channels_last, dist,
+                         d.sampler, d.m_per_class)

@@ -3,7 +3,7 @@
 For datasets that do not fit in memory (ImageNet) or whose recipe needs the original
 images (RandomResizedCrop). Data flows one way:
 
-    EpochJobs (main process: the epoch's order, this rank's share of global batch b)
+    EpochJobs (main process: the epoch's order (okd.data.sampling), this rank's share of global batch b)
       -> TrainViews (a worker: decode each image once, make every view, uint8)
       -> pinned memory -> a side CUDA stream copies the next batch while this one trains
       -> normalise and memory format on the device -> ``Batch``
@@ -17,7 +17,6 @@ one process; evaluation gives each rank one contiguous shard of the test files.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Iterator, List, Sequence, Tuple
 
@@ -28,7 +27,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from ..distributed import DistInfo
 from ..errors import DataError
-from .augment import Normalizer, derive_seed, epoch_order
+from .augment import Normalizer, derive_seed
 from .images import (
     UnreadableImage,
     eval_view,
@@ -37,6 +36,7 @@ from .images import (
     resized_crop_flip,
 )
 from .resident import Batch
+from .sampling import Sampling
 from .splits import FileSplit
 
 VIEW_SEED_TAG = 0xA116  # keeps the per-image seeds apart from the other (seed, epoch, ...) streams
@@ -63,40 +63,45 @@ class TrainViews(TorchDataset):
         return pad_crop_flip(image, self.size, self.pad, self.flip, gen)
 
     def __getitem__(self, job):
-        epoch, index, images = job
+        epoch, index, images, keys = job
         views = torch.empty((self.num_views, len(images), 3, self.size, self.size), dtype=torch.uint8)
-        for j, i in enumerate(images.tolist()):
+        for j, (i, key) in enumerate(zip(images.tolist(), keys.tolist())):
             try:
                 image = read_image(self.split.path(i))
             except UnreadableImage as exc:
                 return exc  # raised in the main process, as one line
-            gen = torch.Generator().manual_seed(view_seed(self.seed, epoch, i))
+            gen = torch.Generator().manual_seed(view_seed(self.seed, epoch, key))
             for v in range(self.num_views):
                 views[v, j] = self.view(image, gen)
         return index, views, self.split.labels[torch.from_numpy(images)]
 
 
 class EpochJobs(torch.utils.data.Sampler):
-    """Main-process side: this rank's jobs of one epoch from global batch ``start`` on."""
+    """Main-process side: this rank's jobs of one epoch from global batch ``start`` on.
 
-    def __init__(self, num_images: int, batch_size: int, seed: int, dist: DistInfo):
-        self.num_images, self.batch_size, self.seed, self.dist = num_images, batch_size, seed, dist
+    A job's seed keys name each image's view generator: the image index for the shuffle (each image once an
+    epoch), ``num_images`` + the position where a sampler may draw an image twice (each draw its own views)."""
+
+    def __init__(self, sampling: Sampling, batch_size: int, seed: int, dist: DistInfo):
+        self.sampling, self.batch_size, self.seed, self.dist = sampling, batch_size, seed, dist
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int) -> None:
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return max(0, math.ceil(self.num_images / self.batch_size) - self.start)
+        return max(0, len(self.sampling) - self.start)
 
     def __iter__(self):
-        order = epoch_order(self.num_images, self.seed, self.epoch)[0].numpy()
-        for b in range(self.start, math.ceil(self.num_images / self.batch_size)):
-            positions = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.num_images))
+        order = self.sampling.order(self.seed, self.epoch)[0].numpy()
+        by_position = self.sampling.sampler != "shuffle"
+        for b in range(self.start, len(self.sampling)):
+            positions = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.sampling.length))
             if len(positions) < self.dist.world_size:
                 continue  # too few images left to give every rank one (as on the resident path)
             share = np.array_split(positions, self.dist.world_size)[self.dist.rank]
-            yield self.epoch, b, order[share]
+            images = order[share]
+            yield self.epoch, b, images, (share + self.sampling.num_images) if by_position else images
 
 
 def loader(dataset: TorchDataset, jobs, workers: int, device: torch.device) -> DataLoader:
@@ -148,17 +153,19 @@ class StreamBatches:
 
     def __init__(self, split: FileSplit, normalize: Normalizer, num_views: int, batch_size: int, size: int,
                  augment: str, pad: int, flip: bool, crop_scale: Sequence[float], seed: int, device: torch.device,
-                 workers: int, channels_last: bool = False, dist: DistInfo = DistInfo()):
+                 workers: int, channels_last: bool = False, dist: DistInfo = DistInfo(), sampler: str = "shuffle",
+                 m_per_class: int = 2):
         self.normalize, self.num_views, self.batch_size, self.device = normalize, num_views, batch_size, device
         self.num_images = len(split)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.jobs = EpochJobs(self.num_images, batch_size, seed, dist)
+        self.sampling = Sampling(split.labels, batch_size, sampler, m_per_class, dist.world_size)
+        self.jobs = EpochJobs(self.sampling, batch_size, seed, dist)
         views = TrainViews(split, num_views, size, augment, pad, flip, crop_scale, seed)
         self.loader = loader(views, self.jobs, workers, device)
 
     def __len__(self) -> int:
         """Global batches per epoch; the last partial batch is kept."""
-        return math.ceil(self.num_images / self.batch_size)
+        return len(self.sampling)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         self.jobs.set_epoch(epoch, start)

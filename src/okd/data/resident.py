@@ -8,7 +8,6 @@ global batch, so the ranks together see exactly the images of one process.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
@@ -16,6 +15,7 @@ import torch
 
 from ..distributed import DistInfo
 from .augment import EpochDraws, Normalizer, crop_flip
+from .sampling import Sampling
 from .splits import Split
 
 
@@ -28,7 +28,9 @@ class Batch:
 
 class BatchStream:
     def __init__(self, split: Split, normalize: Normalizer, num_views: int, batch_size: int, pad: int, flip: bool,
-                 seed: int, device: torch.device, channels_last: bool = False, dist: DistInfo = DistInfo()):
+                 seed: int, device: torch.device, channels_last: bool = False, dist: DistInfo = DistInfo(),
+                 sampler: str = "shuffle", m_per_class: int = 2):
+        self.sampling = Sampling(split.labels, batch_size, sampler, m_per_class, dist.world_size)
         self.images, self.labels = split.images.to(device), split.labels.to(device)
         self.normalize, self.num_views, self.batch_size = normalize, num_views, batch_size
         self.pad, self.flip, self.seed, self.device, self.dist = pad, flip, seed, device, dist
@@ -36,7 +38,7 @@ class BatchStream:
 
     def __len__(self) -> int:
         """Global batches per epoch; the last partial batch is kept."""
-        return math.ceil(self.labels.numel() / self.batch_size)
+        return len(self.sampling)
 
     @property
     def num_images(self) -> int:
@@ -44,13 +46,14 @@ class BatchStream:
 
     def draws(self, epoch: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The epoch's order, crop offsets and flips, on the device."""
-        d = EpochDraws(self.num_images, self.num_views, self.pad, self.flip, self.seed, epoch)
+        d = EpochDraws(self.num_images, self.num_views, self.pad, self.flip, self.seed, epoch, self.sampling)
         return tuple(t.to(self.device) for t in (d.order, d.offsets, d.flips))
 
     def batch(self, b: int, draws) -> Optional[Batch]:
         """This rank's share of global batch ``b``; None when too few images are left to give every rank one."""
         order, offsets, flips = draws
-        pos = torch.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.num_images), device=self.device)
+        pos = torch.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.sampling.length),
+                           device=self.device)
         if pos.numel() < self.dist.world_size:
             return None
         pos = pos.tensor_split(self.dist.world_size)[self.dist.rank]

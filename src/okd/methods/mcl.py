@@ -84,7 +84,9 @@ def mcl_terms(embeddings: List[torch.Tensor], labels: torch.Tensor, tau: float, 
 
 @METHODS.register("mcl", title="MCL")
 class MCL(IndependentNetworksMethod):
-    recipe = {"schedule.name": "cosine"}  # main_cifar.py: lr 0.1 x (1 + cos(pi e / 300)) / 2 at each epoch
+    # main_cifar.py: lr 0.1 x (1 + cos(pi e / 300)) / 2 at each epoch; every batch 64 classes x 2 images
+    # (MPerClassSampler(m=2), 390 batches an epoch: okd.data.sampling)
+    recipe = {"schedule.name": "cosine", "data.sampler": "m_per_class"}
     @dataclass
     class Options(KDOptions):
         temperature: float = 3.0  # T of the soft terms
