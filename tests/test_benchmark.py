@@ -76,6 +76,18 @@ def test_data_benchmark_compares_the_streaming_path_with_imagefolder(tmp_path):
                                             / result["results"]["reference"]["median_img_per_s_per_core"])
 
 
+def test_view_augment_benchmark_times_okdphs_views_against_the_default_ones(tmp_path):
+    out = tmp_path / "views.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/view_augment.py"), "--batch-size", "16",
+                           "--batches", "1", "--rounds", "2", "--no-step", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("ratio_vs_reference=")
+    result = json.loads(out.read_text())
+    assert result["views"] == 3 and result["default_ms"] > 0 and result["okdph_views_ms"] > 0
+    assert result["okdph_step_ms"] is None
+
+
 def test_the_cuda_variants_measure_every_combination_of_fused_views_and_batched_branches_with_and_without_graphs():
     """What the device defaults must be chosen from: batching pays when launches dominate, maybe not in a graph."""
     import importlib.util

@@ -20,6 +20,7 @@ from . import checkpoint_file, distributed, hardware, runlock
 from .build import build_run_method, load_checked_dataset, prepare_runtime
 from .checkpoint_policy import CheckpointPolicy, restore
 from .config import Config, load_config
+from .data.view_augment import check_views
 from .devices import resolve_auto
 from .distributed import DistInfo
 from .errors import OkdError
@@ -86,6 +87,8 @@ def run(args) -> int:
         return 0
     dataset = load_checked_dataset(cfg)
     method = build_run_method(run_cfg, dataset.num_classes, device, image_size=dataset.image_size)
+    if cfg.data.views is not None:  # one recipe per view, refused before the run directory is touched
+        check_views(cfg.data.views, method.num_views, cfg.method.name)
     distributed.init(dist, device)
     optimization = Optimization.build(run_cfg, method, device)
     # the checkpoint is loaded before anything is written: one that does not fit leaves no trace

@@ -43,6 +43,9 @@ class DataConfig:
     workers: Optional[int] = None  # streaming decode processes per training process; null: its share of the cores
     sampler: str = "shuffle"  # shuffle | m_per_class (MCL's class-balanced batches, okd.data.sampling)
     m_per_class: int = 2  # images of each class in a batch with sampler m_per_class
+    # one augmentation recipe per method view ("crop+flip", "crop+flip+rotate", "crop+flip+cutout",
+    # "crop+randaugment", ...: okd.data.view_augment); null: crop+flip for every view
+    views: Optional[List[str]] = None
 
 
 @dataclass
@@ -394,6 +397,11 @@ def validate(cfg: Config) -> None:
     lo_hi = cfg.data.crop_scale
     if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
         raise ConfigError(f"config key 'data.crop_scale' must be [low, high] with 0 < low <= high <= 1, got {lo_hi}")
+    if cfg.data.views is not None:
+        from .data.view_augment import parse
+
+        for recipe in cfg.data.views:
+            parse(recipe)
     if cfg.data.m_per_class < 1:
         raise ConfigError(f"config key 'data.m_per_class' must be >= 1, got {cfg.data.m_per_class}")
     if cfg.data.sampler == "m_per_class" and cfg.train.batch_size % cfg.data.m_per_class:

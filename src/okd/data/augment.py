@@ -62,7 +62,9 @@ class EpochDraws:
     ``okd.data.sampling.Sampling``) orders the epoch; None: a permutation of the ``num_images``."""
 
     def __init__(self, num_images: int, num_views: int, pad: int, flip: bool, seed: int, epoch: int,
-                 sampling=None):
+                 sampling=None, recipes=None, size=(32, 32)):
+        from .view_augment import draw
+
         self.order, gen = epoch_order(num_images, seed, epoch) if sampling is None else sampling.order(seed, epoch)
         positions = self.order.numel()
         self.offsets = torch.randint(0, 2 * pad + 1, (num_views, positions, 2), generator=gen)
@@ -70,3 +72,10 @@ class EpochDraws:
             self.flips = torch.randint(0, 2, (num_views, positions), generator=gen).bool()
         else:
             self.flips = torch.zeros(num_views, positions, dtype=torch.bool)
+        # data.views: each view's own operations (okd.data.view_augment), drawn after the crops and flips, so the
+        # default views are drawn exactly as before; a recipe without flip leaves its view unflipped
+        self.params = [None] * num_views
+        for v, ops in enumerate(recipes or []):
+            if "flip" not in ops:
+                self.flips[v] = False
+            self.params[v] = draw(ops, positions, size, gen)

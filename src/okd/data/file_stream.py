@@ -37,6 +37,7 @@ from .images import (
 )
 from .resident import Batch
 from .sampling import Sampling
+from .view_augment import apply, draw, needs_more
 from .splits import FileSplit
 
 VIEW_SEED_TAG = 0xA116  # keeps the per-image seeds apart from the other (seed, epoch, ...) streams
@@ -50,17 +51,24 @@ class TrainViews(TorchDataset):
     """Worker side: a job (epoch, batch index, image indices) -> (batch index, m x n x 3 x S x S uint8, labels)."""
 
     def __init__(self, split: FileSplit, num_views: int, size: int, augment: str, pad: int, flip: bool,
-                 crop_scale: Sequence[float], seed: int):
+                 crop_scale: Sequence[float], seed: int, recipes=None):
         self.split, self.num_views, self.size, self.augment = split, num_views, size, augment
         self.pad, self.flip, self.crop_scale, self.seed = pad, flip, tuple(crop_scale), seed
+        self.recipes = recipes  # data.views, parsed; None: every view the crop and flip
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def view(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def view(self, image: torch.Tensor, gen: torch.Generator, v: int = 0) -> torch.Tensor:
+        ops = self.recipes[v] if self.recipes else ("flip",)
+        flip = self.flip and "flip" in ops
         if self.augment == "resized_crop":
-            return resized_crop_flip(image, self.size, self.crop_scale, self.flip, gen)
-        return pad_crop_flip(image, self.size, self.pad, self.flip, gen)
+            out = resized_crop_flip(image, self.size, self.crop_scale, flip, gen)
+        else:
+            out = pad_crop_flip(image, self.size, self.pad, flip, gen)
+        if needs_more(ops):  # the view's other operations, drawn from the image's generator next
+            out = apply(out[None], ops, draw(ops, 1, (self.size, self.size), gen))[0]
+        return out
 
     def __getitem__(self, job):
         epoch, index, images, keys = job
@@ -72,7 +80,7 @@ class TrainViews(TorchDataset):
                 return exc  # raised in the main process, as one line
             gen = torch.Generator().manual_seed(view_seed(self.seed, epoch, key))
             for v in range(self.num_views):
-                views[v, j] = self.view(image, gen)
+                views[v, j] = self.view(image, gen, v)
         return index, views, self.split.labels[torch.from_numpy(images)]
 
 
@@ -154,13 +162,13 @@ class StreamBatches:
     def __init__(self, split: FileSplit, normalize: Normalizer, num_views: int, batch_size: int, size: int,
                  augment: str, pad: int, flip: bool, crop_scale: Sequence[float], seed: int, device: torch.device,
                  workers: int, channels_last: bool = False, dist: DistInfo = DistInfo(), sampler: str = "shuffle",
-                 m_per_class: int = 2):
+                 m_per_class: int = 2, recipes=None):
         self.normalize, self.num_views, self.batch_size, self.device = normalize, num_views, batch_size, device
         self.num_images = len(split)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.sampling = Sampling(split.labels, batch_size, sampler, m_per_class, dist.world_size)
         self.jobs = EpochJobs(self.sampling, batch_size, seed, dist)
-        views = TrainViews(split, num_views, size, augment, pad, flip, crop_scale, seed)
+        views = TrainViews(split, num_views, size, augment, pad, flip, crop_scale, seed, recipes)
         self.loader = loader(views, self.jobs, workers, device)
 
     def __len__(self) -> int:

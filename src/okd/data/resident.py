@@ -9,13 +9,14 @@ global batch, so the ranks together see exactly the images of one process.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 import torch
 
 from ..distributed import DistInfo
 from .augment import EpochDraws, Normalizer, crop_flip
 from .sampling import Sampling
+from .view_augment import apply, needs_more
 from .splits import Split
 
 
@@ -29,8 +30,10 @@ class Batch:
 class BatchStream:
     def __init__(self, split: Split, normalize: Normalizer, num_views: int, batch_size: int, pad: int, flip: bool,
                  seed: int, device: torch.device, channels_last: bool = False, dist: DistInfo = DistInfo(),
-                 sampler: str = "shuffle", m_per_class: int = 2):
+                 sampler: str = "shuffle", m_per_class: int = 2, recipes=None):
         self.sampling = Sampling(split.labels, batch_size, sampler, m_per_class, dist.world_size)
+        # data.views, parsed (okd.data.view_augment): None keeps every view crop + flip
+        self.recipes = recipes if recipes and any(needs_more(ops) or "flip" not in ops for ops in recipes) else None
         self.images, self.labels = split.images.to(device), split.labels.to(device)
         self.normalize, self.num_views, self.batch_size = normalize, num_views, batch_size
         self.pad, self.flip, self.seed, self.device, self.dist = pad, flip, seed, device, dist
@@ -44,23 +47,30 @@ class BatchStream:
     def num_images(self) -> int:
         return int(self.labels.numel())
 
-    def draws(self, epoch: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The epoch's order, crop offsets and flips, on the device."""
-        d = EpochDraws(self.num_images, self.num_views, self.pad, self.flip, self.seed, epoch, self.sampling)
-        return tuple(t.to(self.device) for t in (d.order, d.offsets, d.flips))
+    def draws(self, epoch: int):
+        """The epoch's order, crop offsets and flips on the device, and each view's other parameters (on the
+        CPU, where a batch's groups are found without a host sync)."""
+        size = tuple(self.images.shape[-2:])
+        d = EpochDraws(self.num_images, self.num_views, self.pad, self.flip, self.seed, epoch, self.sampling,
+                       self.recipes, size)
+        return tuple(t.to(self.device) for t in (d.order, d.offsets, d.flips)) + (d.params,)
 
     def batch(self, b: int, draws) -> Optional[Batch]:
         """This rank's share of global batch ``b``; None when too few images are left to give every rank one."""
-        order, offsets, flips = draws
-        pos = torch.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.sampling.length),
-                           device=self.device)
-        if pos.numel() < self.dist.world_size:
+        order, offsets, flips, params = draws
+        positions = torch.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.sampling.length))
+        if positions.numel() < self.dist.world_size:
             return None
-        pos = pos.tensor_split(self.dist.world_size)[self.dist.rank]
+        positions = positions.tensor_split(self.dist.world_size)[self.dist.rank]
+        pos = positions.to(self.device)
         idx = order[pos]
         images = self.images[idx]
-        views = [self.normalize(crop_flip(images, offsets[v, pos], flips[v, pos], self.pad)).contiguous(
-            memory_format=self.memory_format) for v in range(self.num_views)]
+        views = []
+        for v in range(self.num_views):
+            view = crop_flip(images, offsets[v, pos], flips[v, pos], self.pad)
+            if params[v] is not None:
+                view = apply(view, self.recipes[v], params[v].select(positions))
+            views.append(self.normalize(view).contiguous(memory_format=self.memory_format))
         return Batch(b, views, self.labels[idx])
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:

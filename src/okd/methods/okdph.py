@@ -57,7 +57,10 @@ def fuse_(students: Sequence[torch.Tensor], gamma, do=1.0) -> None:
 
 @METHODS.register("okdph", title="OKDPH")
 class OKDPH(IndependentNetworksMethod):
-    recipe = {"optim.nesterov": False}  # src/OKDPH.py: SGD momentum 0.9 without Nesterov; otherwise §1
+    # src/OKDPH.py: SGD momentum 0.9 without Nesterov; on CIFAR-100 its transes give student 1 crop + flip +
+    # RandomRotation(15), student 2 crop + flip + Cutout(1, 16) and the HWM crop + RandAugment; otherwise §1
+    recipe = {"optim.nesterov": False,
+              "data.views": ["crop+flip+rotate", "crop+flip+cutout", "crop+randaugment"]}
     identical_networks = "averages its students' weights, which needs identical networks"
 
     @dataclass
