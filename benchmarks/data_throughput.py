@@ -42,6 +42,7 @@ from okd.config import DataConfig  # noqa: E402
 from okd.data import load_dataset  # noqa: E402
 from okd.data.file_stream import EpochJobs, TrainViews, loader  # noqa: E402
 from okd.data.folders import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from okd.data.sampling import Sampling  # noqa: E402
 from okd.distributed import DistInfo  # noqa: E402
 from okd.hardware import cpu_name  # noqa: E402
 
@@ -90,7 +91,7 @@ def reference_loader(train_dir: Path, args) -> DataLoader:
 
 def okd_loader(root: Path, args):
     data = load_dataset(DataConfig(name="imagenet", root=str(root), train_subset=args.images, pipeline="stream"))
-    jobs = EpochJobs(len(data.train), args.batch_size, seed=0, dist=DistInfo())
+    jobs = EpochJobs(Sampling(data.train.labels, args.batch_size), args.batch_size, seed=0, dist=DistInfo())
     views = TrainViews(data.train, args.views, 224, "resized_crop", 0, True, (0.08, 1.0), seed=0)
     return loader(views, jobs, args.workers, torch.device("cpu")), jobs, len(data.train)
 

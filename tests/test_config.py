@@ -141,8 +141,11 @@ def test_recipe_label_names_the_keys_that_are_not_the_authors():
 
     cfg = load_config(str(CONFIGS / "methods" / "switokd.yml"), ["train.epochs=300", "schedule.milestones=[140,200,250]"])
     assert recipe_label(cfg.to_dict()) == "mixed (not the authors': train.epochs, schedule.milestones)"
-    # one backbone for both networks stands for [x, x]; OKDPH's recipe is its optimizer only
-    assert recipe_label(load_config(None, ["method.name=okdph", "optim.nesterov=false"]).to_dict()) == "authors' recipe"
+    # OKDPH's recipe is its optimizer and its views
+    okdph = ["method.name=okdph", "optim.nesterov=false"]
+    assert recipe_label(load_config(None, okdph).to_dict()) == "mixed (not the authors': data.views)"
+    views = "data.views=[crop+flip+rotate, crop+flip+cutout, crop+randaugment]"
+    assert recipe_label(load_config(None, [*okdph, views]).to_dict()) == "authors' recipe"
     assert recipe_label({"method": {"name": "not-a-method"}}) == "common protocol"
 
 

@@ -131,16 +131,23 @@ def test_the_later_papers_numbers_are_printed_beside_okds_runs_with_their_source
 
 
 def test_runs_with_the_authors_recipe_get_their_own_column(tmp_path, capsys):
-    """MCL on the common protocol (multistep) and with its authors' recipe (cosine) are not averaged together."""
+    """MCL on the common protocol and with its authors' recipe (cosine, class-balanced batches) are not averaged
+    together; a run with only the cosine schedule is a third, mixed column."""
     fake_run(tmp_path, "cifar100", "resnet32", "mcl", 0, [70.0, 72.0], extra={"schedule": {"name": "multistep"}})
     fake_run(tmp_path, "cifar100", "resnet32", "mcl", 1, [71.0, 74.0], extra={"schedule": {"name": "multistep"}})
-    fake_run(tmp_path, "cifar100", "resnet32", "mcl", 0, [72.0, 76.0], extra={"schedule": {"name": "cosine"}},
+    fake_run(tmp_path, "cifar100", "resnet32", "mcl", 0, [72.0, 76.0], extra={"schedule": {"name": "cosine"},
+                                                                              "data": {"sampler": "m_per_class"}},
              tag="_authors")
     assert main([str(tmp_path)]) == 0
     best = capsys.readouterr().out.split("last epoch")[0]
     assert "| backbone | MCL | MCL (authors' recipe) |" in best
     assert "| resnet32 | 73.00 ± 1.41 (n=2) | 76.00 (n=1) |" in best
+    fake_run(tmp_path, "cifar100", "resnet32", "mcl", 0, [60.0, 61.0], extra={"schedule": {"name": "cosine"}},
+             tag="_cosine")
+    assert main([str(tmp_path)]) == 0
+    assert "| MCL (mixed (not the authors': data.sampler)) |" in capsys.readouterr().out
     assert main([str(tmp_path), "--format", "csv"]) == 0
     rows = [r for r in csv.DictReader(io.StringIO(capsys.readouterr().out)) if r["variant"] == "best"]
     assert sorted((r["method"], r["recipe"], r["mean"]) for r in rows) == [
-        ("mcl", "authors' recipe", "76.0000"), ("mcl", "common protocol", "73.0000")]
+        ("mcl", "authors' recipe", "76.0000"), ("mcl", "common protocol", "73.0000"),
+        ("mcl", "mixed (not the authors': data.sampler)", "61.0000")]

@@ -58,7 +58,11 @@ class BatchStream:
     def batch(self, b: int, draws) -> Optional[Batch]:
         """This rank's share of global batch ``b``; None when too few images are left to give every rank one."""
         order, offsets, flips, params = draws
-        positions = torch.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.sampling.length))
+        # the positions on the device (no copy for the default views); on the CPU too where a recipe's groups
+        # are found from its CPU draws
+        where = torch.device("cpu") if self.recipes else self.device
+        positions = torch.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.sampling.length),
+                                 device=where)
         if positions.numel() < self.dist.world_size:
             return None
         positions = positions.tensor_split(self.dist.world_size)[self.dist.rank]
