@@ -231,3 +231,15 @@ def test_mcl_trains_on_class_balanced_batches_from_the_command_line(tmp_path):
     assert main(args(tmp_path, "train.epochs=2", *extra)) == 0
     assert [(r["epoch"], r["step"]) for r in records(tmp_path / "run")] == [(1, 3), (2, 6)]
     assert "recipe: mixed (not the authors': schedule.name)" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_a_sampler_that_cannot_draw_its_batches_is_refused_before_the_run_directory(tmp_path, capsys):
+    """10 digit classes cannot fill 64 classes x 2 a batch: one line, exit 2, and no run directory to clean up."""
+    assert main(args(tmp_path, "train.epochs=1", "--method", "mcl", "data.sampler=m_per_class",
+                     "train.batch_size=128")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "draws 64 classes per batch" in err and "raise data.m_per_class" in err
+    assert not (tmp_path / "run").exists()
+    assert main(args(tmp_path, "train.epochs=1", "data.views=[crop+flip, crop]")) == 2  # PCL has 3 views
+    assert "lists 2 recipes but method pcl trains on 3 view(s)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

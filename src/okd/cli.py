@@ -20,6 +20,7 @@ from . import checkpoint_file, distributed, hardware, runlock
 from .build import build_run_method, load_checked_dataset, prepare_runtime
 from .checkpoint_policy import CheckpointPolicy, restore
 from .config import Config, load_config
+from .data.sampling import Sampling
 from .data.view_augment import check_views
 from .devices import resolve_auto
 from .distributed import DistInfo
@@ -87,8 +88,10 @@ def run(args) -> int:
         return 0
     dataset = load_checked_dataset(cfg)
     method = build_run_method(run_cfg, dataset.num_classes, device, image_size=dataset.image_size)
-    if cfg.data.views is not None:  # one recipe per view, refused before the run directory is touched
+    # the views' recipes and the sampler's batches are refused before the run directory is touched
+    if cfg.data.views is not None:
         check_views(cfg.data.views, method.num_views, cfg.method.name)
+    Sampling(dataset.train.labels, cfg.train.batch_size, cfg.data.sampler, cfg.data.m_per_class, dist.world_size)
     distributed.init(dist, device)
     optimization = Optimization.build(run_cfg, method, device)
     # the checkpoint is loaded before anything is written: one that does not fit leaves no trace
