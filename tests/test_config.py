@@ -24,7 +24,8 @@ def test_defaults_are_paper_protocol():
     # speed settings default to the device (okd.devices): the paper protocol does not depend on them
     assert (cfg.train.precision, cfg.train.channels_last, cfg.train.cuda_graphs) == ("auto", None, None)
     assert cfg.to_dict()["method"] == {"name": "pcl", "num_peers": 3, "temperature": 3.0, "rampup_epochs": 80,
-                          "ema_decay": 0.999, "ema_buffers": "own", "fused_views": None}
+                          "ema_decay": 0.999, "ema_buffers": "own", "fused_views": None,
+                          "ensemble_teacher": True, "mean_teacher": True, "peer_views": True}
 
 
 def test_repo_configs_load():

@@ -146,3 +146,71 @@ def test_evaluate_logits_and_summary():
     assert [s.key for s in summary] == ["reported", "best_mean_peer"]
     assert summary[0].value == 70.0 and "paper" in summary[0].label
     assert summary[1].value == 75.0 and "seed" in summary[1].label
+
+
+# ---------------------------------------------------------------- the component ablation
+
+def independent_terms(method, views, labels, epoch, R=80, T=3.0):
+    """The four weighted terms of docs/methods.md §9 from the networks' raw outputs (peer j on views[j])."""
+    m = len(views)
+    peers, mean_peers = method.net.peers, method.mean.module.peers
+    outs = [peers.branches[j](peers.trunk(views[j])) for j in range(m)]
+    feats, logits = [o[0] for o in outs], [o[1] for o in outs]
+    z_e = method.net.ensemble_fc(torch.cat(feats, 1))
+    with torch.no_grad():
+        z_mean = [mean_peers.branches[l](mean_peers.trunk(views[l]))[1] for l in range(m)]
+    w = math.exp(-5 * (1 - min(epoch, R) / R) ** 2)
+    return {"ce_ensemble": F.cross_entropy(z_e, labels),
+            "ce_peers": sum(F.cross_entropy(z, labels) for z in logits),
+            "kd_ensemble": w * sum(softmax_kl(z, z_e.detach(), T) for z in logits),
+            "kd_mean": w / (m - 1) * sum(softmax_kl(logits[j], z_mean[l], T)
+                                         for j in range(m) for l in range(m) if l != j)}
+
+
+@pytest.mark.parametrize("switch,removed", [("ensemble_teacher", {"ce_ensemble", "kd_ensemble"}),
+                                            ("mean_teacher", {"kd_mean"}), ("peer_views", set())])
+def test_each_ablation_switch_removes_exactly_its_terms(switch, removed):
+    """The ablated method's terms are the full formula's minus exactly the switched-off component's; every
+    remaining term keeps its value (peer_views: the full formula with the one view given to every peer)."""
+    method = make_pcl(**{switch: False}).train()
+    torch.manual_seed(1)
+    views = [torch.randn(6, 3, 32, 32) for _ in range(3)]
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    with torch.no_grad():
+        for p in method.mean.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    given = views[:1] if switch == "peer_views" else views
+    assert method.num_views == len(given)
+    _, terms = method.training_loss(given, labels, 40)
+    method.load_state_dict(state)
+    seen = views[:1] * 3 if switch == "peer_views" else views
+    expected = independent_terms(method, seen, labels, 40)
+    assert set(terms) == set(expected) - removed
+    for name, value in terms.items():
+        # abs: a KL between near-equal distributions carries the rounding of its sums (about 1e-6 here)
+        assert float(value.detach()) == pytest.approx(float(expected[name].detach()), rel=1e-5, abs=2e-6), name
+
+
+def test_without_the_ensemble_teacher_its_classifier_is_untouched_and_not_evaluated():
+    method = make_pcl(ensemble_teacher=False).train()
+    views = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    loss, _ = method.training_loss(views, torch.tensor([0, 1, 2, 3]), 80)
+    loss.backward()
+    assert method.net.ensemble_fc.weight.grad is None
+    assert method.net.peers.trunk[0].weight.grad.abs().sum() > 0
+    names = set(method.eval().evaluate_logits(torch.randn(2, 3, 32, 32)))
+    assert names == {"peer1", "peer2", "peer3", "mean_peer1", "mean_peer2", "mean_peer3"}
+
+
+def test_the_ablation_configs_switch_one_component_each():
+    from pathlib import Path
+
+    from okd.config import load_config
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "ablations"
+    switches = ("ensemble_teacher", "mean_teacher", "peer_views")
+    off = {p.stem: {s for s in switches if not getattr(load_config(str(p)).method, s)}
+           for p in folder.glob("pcl_*.yml")}
+    assert off == {"pcl_no_ensemble_teacher": {"ensemble_teacher"}, "pcl_no_mean_teacher": {"mean_teacher"},
+                   "pcl_shared_view": {"peer_views"}, "pcl_baseline_peers": set(switches)}

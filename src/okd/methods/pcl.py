@@ -16,6 +16,11 @@ running statistics are its own (``ema_buffers: own``; see ``okd.ema``).
 Reported model: temporal-mean peer 1 on clean test images (the paper's
 protocol); the best temporal-mean peer (the seed reproduction's) is reported
 beside it, labelled.
+
+The component ablation: ``ensemble_teacher: false`` drops CE(z_e) and the KD from z_e,
+``mean_teacher: false`` the KD from the z'_l (the temporal mean is still kept and
+reported), ``peer_views: false`` gives every peer and mean teacher the same one view;
+each removes exactly its terms (tests/test_pcl.py). configs/ablations/pcl_*.yml.
 """
 from __future__ import annotations
 
@@ -56,6 +61,10 @@ class PCL(Method):
         ema_buffers: str = "own"  # own: EMA keeps its own BN statistics; copy: copy student's
         # run the trunk once over all views (BatchNorm still per view); speed only; null: on for CUDA
         fused_views: Optional[bool] = None
+        # the component ablation (the paper's component table): each switch removes one component only
+        ensemble_teacher: bool = True  # false: no peer-ensemble teacher (no CE(z_e), no KD from z_e)
+        mean_teacher: bool = True  # false: no peer mean teachers (no KD from z'_l; the temporal mean is kept)
+        peer_views: bool = True  # false: every peer (and mean teacher) sees the same single view
 
         def check(self) -> None:
             require(0.0 <= self.ema_decay < 1.0, "pcl", "ema_decay", "in [0, 1)", self.ema_decay)
@@ -64,29 +73,37 @@ class PCL(Method):
 
     def __init__(self, spec, num_classes: int, options: "PCL.Options"):
         super().__init__(spec, num_classes, options)
-        self.num_views = options.num_peers
+        self.num_views = options.num_peers if options.peer_views else 1
         self.net = PCLNet(spec, num_classes, options.num_peers)
         if options.fused_views:
             self.net.peers.enable_fused_views()
         self.mean = ModelEMA(self.net, options.ema_decay, options.ema_buffers)  # a copy: fused too
 
     def forward_train(self, views: List[torch.Tensor], labels: torch.Tensor):
-        m, T = self.options.num_peers, self.options.temperature
-        feats, logits = self.net.peers.forward_views(views)
-        ensemble_logits = self.net.ensemble(feats)
-        with torch.no_grad():
-            mean_logits = self.mean.module.peers.forward_views(views).logits  # mean teacher l on view l
-        teacher = ensemble_logits.detach()
-
-        ce_ensemble = F.cross_entropy(ensemble_logits, labels)
-        ce_peers = sum(F.cross_entropy(z, labels) for z in logits)
-        kd_ensemble = sum(kd_loss(z, teacher, T) for z in logits)
-        kd_mean = sum(
-            kd_loss(logits[j], mean_logits[l], T) for j in range(m) for l in range(m) if l != j
-        ) / (m - 1)
+        opt = self.options
+        m, T = opt.num_peers, opt.temperature
+        if not opt.peer_views:  # one view for every peer: the trunk runs once, as on the same image m times
+            views = list(views[:1]) * m
+            out = self.net.peers(views[0])
+        else:
+            out = self.net.peers.forward_views(views)
+        feats, logits = out
         w = self.kd_scale
-        return {"ce_ensemble": ce_ensemble, "ce_peers": ce_peers, "kd_ensemble": w * kd_ensemble,
-                "kd_mean": w * kd_mean}
+        terms = {}
+        if opt.ensemble_teacher:
+            ensemble_logits = self.net.ensemble(feats)
+            teacher = ensemble_logits.detach()
+            terms["ce_ensemble"] = F.cross_entropy(ensemble_logits, labels)
+        terms["ce_peers"] = sum(F.cross_entropy(z, labels) for z in logits)
+        if opt.ensemble_teacher:
+            terms["kd_ensemble"] = w * sum(kd_loss(z, teacher, T) for z in logits)
+        if opt.mean_teacher:
+            with torch.no_grad():  # mean teacher l on view l
+                mean = self.mean.module.peers
+                mean_logits = (mean(views[0]) if not opt.peer_views else mean.forward_views(views)).logits
+            terms["kd_mean"] = w * sum(
+                kd_loss(logits[j], mean_logits[l], T) for j in range(m) for l in range(m) if l != j) / (m - 1)
+        return terms
 
     def after_step(self, step, applied=1.0) -> None:
         self.mean.update(self.net, step, applied)
@@ -97,7 +114,8 @@ class PCL(Method):
         for prefix, net in (("", self.net), ("mean_", self.mean.module)):
             feats, logits = net.peers(images)
             out.update(numbered_logits(f"{prefix}peer", logits))
-            out[f"{prefix}ensemble"] = net.ensemble(feats)
+            if self.options.ensemble_teacher:  # without it the ensemble classifier is never trained
+                out[f"{prefix}ensemble"] = net.ensemble(feats)
         return out
 
     def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
