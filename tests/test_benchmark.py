@@ -88,6 +88,14 @@ def test_view_augment_benchmark_times_okdphs_views_against_the_default_ones(tmp_
     assert result["okdph_step_ms"] is None
 
 
+def test_diagnostics_cost_benchmark_times_the_evaluation_with_and_without_the_sums():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/diagnostics_cost.py"), "--model", "resnet8_tiny",
+                           "--images", "40", "--batch-size", "20", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("ratio_vs_reference=")
+
+
 def test_the_cuda_variants_measure_every_combination_of_fused_views_and_batched_branches_with_and_without_graphs():
     """What the device defaults must be chosen from: batching pays when launches dominate, maybe not in a graph."""
     import importlib.util

@@ -363,3 +363,11 @@ def test_two_process_gloo_counts_every_streamed_val_image_once(tmp_path):
     method.load_state_dict(torch.load(dump / "rank0.pt"))
     single = test_set(data, cfg, torch.device("cpu")).evaluate(method)
     assert single["count"] == 15 and single["top1"] == pytest.approx(record["val"]["top1"], abs=1e-9)
+    # the diversity and calibration sums too: the ranks' sums are the one process's
+    ours, theirs = record["val"]["diagnostics"], single["diagnostics"]
+    assert set(ours["groups"]) == set(theirs["groups"]) != set()
+    for group in ours["groups"]:
+        for key in ("disagreement", "kl", "ensemble_top1", "ensemble_gain"):
+            assert ours["groups"][group][key] == pytest.approx(theirs["groups"][group][key], rel=1e-5, abs=1e-9)
+    for model in ours["calibration"]:
+        assert ours["calibration"][model] == pytest.approx(theirs["calibration"][model], rel=1e-5, abs=1e-9)

@@ -18,6 +18,7 @@ import torch
 from . import distributed
 from .data import Normalizer, Split
 from .data.file_stream import EvalImages, eval_jobs, loader, on_device, workers
+from .diagnostics import Diagnostics, numbered_groups
 from .distributed import DistInfo
 from .methods import Method
 from .step import AUTOCAST_DTYPES
@@ -110,27 +111,42 @@ def score(method: Method, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], 
     k = 5 if num_classes > 10 else 1
     names: List[str] = []
     counts: Optional[torch.Tensor] = None  # (models, 2): top-1 and top-k hits
+    diagnostics: Optional[Diagnostics] = None  # diversity and calibration sums (okd.diagnostics)
     device = None
     for inputs, labels in batches:
         outputs = run(method, inputs)
         names, device = list(outputs), labels.device
         hits = torch.stack([hit_counts(logits, labels, k) for logits in outputs.values()])
         counts = hits if counts is None else counts + hits
+        if diagnostics is None:
+            diagnostics = Diagnostics(names, groups_of(method, names), device)
+        diagnostics.add(outputs, labels)
     if not names:
         example = probe()
         names, device = list(method.evaluate_logits(example).keys()), example.device
     if counts is None:
         counts = torch.zeros(len(names), 2, dtype=torch.long, device=device)
+    if diagnostics is None:  # a rank without test images still joins the sums
+        diagnostics = Diagnostics(names, groups_of(method, names), device)
     total = torch.tensor([count], device=device)
     distributed.all_reduce_sum(counts)
     distributed.all_reduce_sum(total)
+    for sums in diagnostics.tensors():
+        distributed.all_reduce_sum(sums)
     method.train(was_training)
     n = int(total)
     counts = counts.tolist()
     result = {"top1": {m: 100.0 * c[0] / n for m, c in zip(names, counts)}, "count": n}
     if k == 5:
         result["top5"] = {m: 100.0 * c[1] / n for m, c in zip(names, counts)}
+    result["diagnostics"] = diagnostics.result(n, result["top1"])
     return result
+
+
+def groups_of(method, names: List[str]) -> Dict[str, List[str]]:
+    """The method's member groups; anything with ``evaluate_logits`` alone gets the numbered groups."""
+    choose = getattr(method, "diagnostic_groups", None)
+    return choose(names) if choose is not None else numbered_groups(names)
 
 
 def hit_counts(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 All scalars go through ``RunLogger`` under stable names: ``train/loss/<term>``,
 ``train/kd_weight``, ``train/lr``, ``val/acc/<model>`` (top-1), ``val/acc5/<model>``
-(top-5) and ``val/summary/<key>``. The TensorBoard step and the JSON ``epoch``
+(top-5), ``val/summary/<key>``, ``val/diversity/<group>/<disagreement|kl|ensemble_top1|ensemble_gain>``
+and ``val/calibration/<model>/<ece|nll|brier>`` (``okd.diagnostics``). The TensorBoard step and the JSON ``epoch``
 field are the number of completed epochs (1-based).
 """
 from __future__ import annotations
@@ -63,6 +64,13 @@ class RunLogger:
                 self.tb.add_scalar(f"val/{tag}/{model}", value, epoch)
         for key, value in record.get("summary", {}).items():
             self.tb.add_scalar(f"val/summary/{key}", value["last"], epoch)
+        diagnostics = record.get("val", {}).get("diagnostics", {})
+        for group, values in diagnostics.get("groups", {}).items():
+            for key in ("disagreement", "kl", "ensemble_top1", "ensemble_gain"):
+                self.tb.add_scalar(f"val/diversity/{group}/{key}", values[key], epoch)
+        for model, values in diagnostics.get("calibration", {}).items():
+            for key in ("ece", "nll", "brier"):
+                self.tb.add_scalar(f"val/calibration/{model}/{key}", values[key], epoch)
         self.tb.flush()
 
     def close(self) -> None:

@@ -150,6 +150,9 @@ class AHBF(Method):
         logits, tas = self.net(images)
         return {**numbered_logits("branch", logits), **numbered_logits("assistant", tas)}
 
+    def diagnostic_groups(self, names) -> Dict[str, List[str]]:
+        return {"branch": [n for n in names if n.startswith("branch")]}  # the assistants are fusions of them
+
     def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
         M = self.options.num_branches
         return [Summary("reported", "target branch 1 (paper protocol)", acc["branch1"]),

@@ -214,6 +214,14 @@ class Method(nn.Module, metaclass=ABCMeta):
         """Called after each epoch's evaluation (0-based ``epoch``) and before ``last.pt`` is written:
         bookkeeping on the epoch's scale (OKDPH's fusion of its students)."""
 
+    def diagnostic_groups(self, names: Sequence[str]) -> Dict[str, List[str]]:
+        """The groups of members whose diversity every evaluation measures (``okd.diagnostics``), from the
+        names of ``evaluate_logits``: by default the numbered models of each prefix with two or more
+        (net1..m, branch1..m, peer1..m, mean_peer1..m)."""
+        from ..diagnostics import numbered_groups
+
+        return numbered_groups(names)
+
     def parameter_groups(self) -> List[Dict]:
         """SGD groups; a group may set ``lr_scale`` (its lr relative to ``optim.lr``) and ``hold`` (a 0-dim
         device tensor: 1.0 leaves the group untouched by that step; see ``okd.optim``)."""

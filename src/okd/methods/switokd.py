@@ -158,6 +158,9 @@ class SwitOKD(IndependentNetworksMethod):
         z_t, z_s = self.nets(images)
         return {"student": z_s, "teacher": z_t}
 
+    def diagnostic_groups(self, names) -> Dict[str, List[str]]:
+        return {"pair": ["teacher", "student"]}
+
     def summary_metrics(self, acc: Dict[str, float]) -> List[Summary]:
         hetero = len(set(self.backbones)) > 1
         student = f"student ({self.backbones[1]}, paper protocol)" if hetero else "student (paper protocol)"
