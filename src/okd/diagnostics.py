@@ -21,24 +21,14 @@ device: one more reduction per evaluation, no host sync per batch.
 """
 from __future__ import annotations
 
-import re
 from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .methods.base import numbered_groups  # the default member groups, where the methods name their models
+
 ECE_BINS = 15
-
-
-def numbered_groups(names: Sequence[str]) -> Dict[str, List[str]]:
-    """Models named ``<prefix><number>`` grouped by prefix, where a prefix has two or more (peer1..3 ->
-    "peer", mean_peer1..3 -> "mean_peer"), in their numbers' order."""
-    groups: Dict[str, List[tuple]] = {}
-    for name in names:
-        match = re.fullmatch(r"(.*?)(\d+)", name)
-        if match:
-            groups.setdefault(match.group(1), []).append((int(match.group(2)), name))
-    return {prefix: [n for _, n in sorted(members)] for prefix, members in groups.items() if len(members) >= 2}
 
 
 class Diagnostics:

@@ -39,6 +39,7 @@ Each loss is also a plain function of logits in the method's file (or in
 from __future__ import annotations
 
 import inspect
+import re
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
@@ -218,14 +219,23 @@ class Method(nn.Module, metaclass=ABCMeta):
         """The groups of members whose diversity every evaluation measures (``okd.diagnostics``), from the
         names of ``evaluate_logits``: by default the numbered models of each prefix with two or more
         (net1..m, branch1..m, peer1..m, mean_peer1..m)."""
-        from ..diagnostics import numbered_groups
-
         return numbered_groups(names)
 
     def parameter_groups(self) -> List[Dict]:
         """SGD groups; a group may set ``lr_scale`` (its lr relative to ``optim.lr``) and ``hold`` (a 0-dim
         device tensor: 1.0 leaves the group untouched by that step; see ``okd.optim``)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+
+def numbered_groups(names: Sequence[str]) -> Dict[str, List[str]]:
+    """Models named ``<prefix><number>`` grouped by prefix, where a prefix has two or more (peer1..3 ->
+    "peer", mean_peer1..3 -> "mean_peer"), in their numbers' order."""
+    groups: Dict[str, List[tuple]] = {}
+    for name in names:
+        match = re.fullmatch(r"(.*?)(\d+)", name)
+        if match:
+            groups.setdefault(match.group(1), []).append((int(match.group(2)), name))
+    return {prefix: [n for _, n in sorted(members)] for prefix, members in groups.items() if len(members) >= 2}
 
 
 def numbered_logits(prefix: str, logits: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
