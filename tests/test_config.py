@@ -105,21 +105,12 @@ def test_method_yamls_spell_out_the_code_defaults():
         assert cfg.data.name == "cifar100"
 
 
-def flat(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def test_method_yamls_differ_from_the_common_protocol_exactly_by_the_authors_recipe():
     """Outside ``method``, configs/methods/<m>.yml changes exactly the keys of Method.recipe, to its values;
     and the recipe label tells the two apart."""
     from okd.methods import METHODS
     from okd.recipes import AUTHORS, COMMON, recipe_label
+    from okd.run_dir import flatten as flat
 
     common = flat(load_config(str(CONFIGS / "cifar100.yml")).to_dict())
     for name in METHODS.names():

@@ -18,37 +18,26 @@ def make_pcl(num_peers=3, classes=5, **kw):
 
 
 def independent_loss(method, views, labels, epoch, R=80, T=3.0):
-    """Re-derive L from the networks' raw outputs (docs/methods.md §9)."""
-    m = len(views)
-    peers, mean_peers = method.net.peers, method.mean.module.peers
-    feats, logits = [], []
-    for j in range(m):
-        f, z = peers.branches[j](peers.trunk(views[j]))
-        feats.append(f)
-        logits.append(z)
-    z_e = method.net.ensemble_fc(torch.cat(feats, 1))
+    """Re-derive L from the networks' raw outputs (docs/methods.md §9): the sum of its four terms."""
+    return sum(independent_terms(method, views, labels, epoch, R, T).values())
+
+
+def perturbed_batch(method):
+    """Six images in three views and labels, with the temporal mean moved off the peers (so the mean teachers
+    differ from them), and the method's state to restore after a pass that moved its BN statistics."""
+    torch.manual_seed(1)
+    views = [torch.randn(6, 3, 32, 32) for _ in range(3)]
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
     with torch.no_grad():
-        z_mean = [mean_peers.branches[l](mean_peers.trunk(views[l]))[1] for l in range(m)]
-    w = math.exp(-5 * (1 - min(epoch, R) / R) ** 2)
-    loss = F.cross_entropy(z_e, labels)
-    for j in range(m):
-        loss = loss + F.cross_entropy(logits[j], labels)
-        loss = loss + w * softmax_kl(logits[j], z_e.detach(), T)
-        loss = loss + w / (m - 1) * sum(softmax_kl(logits[j], z_mean[l], T) for l in range(m) if l != j)
-    return loss
+        for p in method.mean.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return views, labels, {k: v.clone() for k, v in method.state_dict().items()}
 
 
 @pytest.mark.parametrize("epoch", [0, 40, 80])
 def test_loss_matches_independent_formula(epoch):
     method = make_pcl().train()
-    torch.manual_seed(1)
-    views = [torch.randn(6, 3, 32, 32) for _ in range(3)]
-    labels = torch.tensor([0, 1, 2, 3, 4, 0])
-    # perturb the temporal mean so mean teachers differ from the peers
-    with torch.no_grad():
-        for p in method.mean.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    state = {k: v.clone() for k, v in method.state_dict().items()}
+    views, labels, state = perturbed_batch(method)
     loss, terms = method.training_loss(views, labels, epoch)
     method.load_state_dict(state)  # undo BN running-stat updates before the second pass
     expected = independent_loss(method, views, labels, epoch)
@@ -173,13 +162,7 @@ def test_each_ablation_switch_removes_exactly_its_terms(switch, removed):
     """The ablated method's terms are the full formula's minus exactly the switched-off component's; every
     remaining term keeps its value (peer_views: the full formula with the one view given to every peer)."""
     method = make_pcl(**{switch: False}).train()
-    torch.manual_seed(1)
-    views = [torch.randn(6, 3, 32, 32) for _ in range(3)]
-    labels = torch.tensor([0, 1, 2, 3, 4, 0])
-    with torch.no_grad():
-        for p in method.mean.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    state = {k: v.clone() for k, v in method.state_dict().items()}
+    views, labels, state = perturbed_batch(method)
     given = views[:1] if switch == "peer_views" else views
     assert method.num_views == len(given)
     _, terms = method.training_loss(given, labels, 40)

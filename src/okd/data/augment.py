@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .view_augment import draw
+
 
 def derive_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from (run seed, epoch, stream...)."""
@@ -63,8 +65,6 @@ class EpochDraws:
 
     def __init__(self, num_images: int, num_views: int, pad: int, flip: bool, seed: int, epoch: int,
                  sampling=None, recipes=None, size=(32, 32)):
-        from .view_augment import draw
-
         self.order, gen = epoch_order(num_images, seed, epoch) if sampling is None else sampling.order(seed, epoch)
         positions = self.order.numel()
         self.offsets = torch.randint(0, 2 * pad + 1, (num_views, positions, 2), generator=gen)

@@ -21,6 +21,7 @@ applies the same functions to each image in its worker, with the image's own gen
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -41,8 +42,10 @@ RA_LAYERS, RA_MAGNITUDE, RA_BINS = 2, 9, 31
 RA_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
           "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
 SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast", "Sharpness"}
+IS_SIGNED = torch.tensor([op in SIGNED for op in RA_OPS])  # by index into RA_OPS
 
 
+@functools.lru_cache(maxsize=None)  # asked once per (operation, sign) group of every batch
 def ra_magnitude(op: str, height: int, width: int) -> float:
     top = {"ShearX": 0.3, "ShearY": 0.3, "TranslateX": 150.0 / 331.0 * width, "TranslateY": 150.0 / 331.0 * height,
            "Rotate": 30.0, "Brightness": 0.9, "Color": 0.9, "Contrast": 0.9, "Sharpness": 0.9}
@@ -179,8 +182,7 @@ def randaugment(images: torch.Tensor, ops: torch.Tensor, negative: torch.Tensor)
     for layer in range(ops.shape[0]):
         # the groups are found on the CPU, where the draws are: no host sync on the device
         layer_ops = ops[layer].cpu()
-        signed = torch.tensor([op in SIGNED for op in RA_OPS])[layer_ops]
-        key = layer_ops * 2 + (negative[layer].cpu() & signed).long()
+        key = layer_ops * 2 + (negative[layer].cpu() & IS_SIGNED[layer_ops]).long()
         result = out.clone()
         for value in torch.unique(key).tolist():  # at most 22 groups of images, not one call per image
             op = RA_OPS[value // 2]
